@@ -1,0 +1,564 @@
+"""Forward operators A and measurement noise, each behind a registry keyed by its YAML name.
+
+Operators map images (B, 3, H, W) in [-1, 1] to measurements. `forward` is A(x), deterministic and
+noise-free; linear operators also have `transpose`, the exact adjoint. Per-image randomness (a random
+mask, a latent blur kernel) is drawn by `draw_state` from the image's own generator and passed back
+to `forward`/`transpose` as keyword tensors, batched along dim 0.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.ndimage
+import torch
+
+from motionblur import motion_kernel
+from util.fft import KernelFFT, fft2c, kernel_fft, reflect_correlate, reflect_correlate_adjoint
+from util.resizer import imresize_matrix
+
+__OPERATORS__: dict[str, type] = {}
+__NOISES__: dict[str, type] = {}
+
+
+def register_operator(name: str) -> Callable[[type], type]:
+    def wrapper(cls: type) -> type:
+        if name in __OPERATORS__:
+            raise NameError(f"operator '{name}' is already registered")
+        cls.name = name
+        __OPERATORS__[name] = cls
+        return cls
+
+    return wrapper
+
+
+def register_noise(name: str) -> Callable[[type], type]:
+    def wrapper(cls: type) -> type:
+        if name in __NOISES__:
+            raise NameError(f"noise '{name}' is already registered")
+        cls.name = name
+        __NOISES__[name] = cls
+        return cls
+
+    return wrapper
+
+
+def _build(registry: dict[str, type], kind: str, name: str, params: dict):
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; valid names: {', '.join(sorted(registry))}")
+    cls = registry[name]
+    sig = inspect.signature(cls.__init__)
+    valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in params if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(unknown)} for {kind} '{name}'; valid parameters: {', '.join(valid)}"
+        )
+    return cls(**params)
+
+
+def get_operator(name: str, **params) -> "Operator":
+    """Build the operator registered as `name` from the `measurement.operator` block of a task YAML."""
+    return _build(__OPERATORS__, "operator", name, params)
+
+
+def get_noise(name: str, **params) -> "Noise":
+    """Build the noise registered as `name` from the `measurement.noise` block of a task YAML."""
+    return _build(__NOISES__, "noise", name, params)
+
+
+class Operator:
+    """Base class. Subclasses set `is_linear` and implement `forward` (and `transpose` when linear)."""
+
+    name: str = ""
+    is_linear: bool = False
+
+    def draw_state(self, generator: torch.Generator, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """Per-image random state, tensors with leading dim 1, drawn on the CPU from `generator`."""
+        return {}
+
+    def forward(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def transpose(self, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"operator '{self.name}' is not linear and has no transpose")
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """Per-run tensors worth saving with the outputs (e.g. the motion-blur kernel)."""
+        return {}
+
+    def __call__(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, **state)
+
+
+class Noise:
+    name: str = ""
+
+    def __call__(self, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---- operators and noises are defined below (see docs/design.md) ----
+
+Device = str | torch.device
+
+
+def _image_hw(shape: Sequence[int], who: str) -> tuple[int, int]:
+    if len(shape) < 2:
+        raise ValueError(f"{who}: expected an image shape (..., H, W), got {tuple(shape)}")
+    return int(shape[-2]), int(shape[-1])
+
+
+def _check_int(value, name: str, who: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(value, name: str, who: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high != math.inf else "")
+        raise ValueError(f"{who}: {name} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+# ---- identity (denoising) ----
+
+@register_operator("noise")
+class DenoiseOperator(Operator):
+    """A(x) = x: plain denoising. Linear, self-adjoint."""
+
+    is_linear = True
+
+    def __init__(self, device: Device = "cpu"):
+        self.device = torch.device(device)
+
+    def forward(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def transpose(self, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        return y
+
+
+# ---- super-resolution ----
+
+@register_operator("super_resolution")
+class SuperResolutionOperator(Operator):
+    """MATLAB-style antialiased bicubic downscale by an integer factor s: (B, C, H, W) -> (B, C, H/s, W/s).
+
+    y = M_h x M_wᵀ with the 1-D resize matrices of `util.resizer.imresize_matrix` (Shocher's
+    `Resizer`, as the official code). The matrices are built for the actual image size on first
+    use and cached per (H, W, device, dtype); `in_shape` is only the official size hint.
+    `transpose` is the exact adjoint M_hᵀ y M_w. (The official `transpose`, a nearest-neighbour
+    upsampling, is not the adjoint; DCDP never called it, its solver differentiates `forward`.)
+    """
+
+    is_linear = True
+
+    def __init__(self, in_shape: Sequence[int] | None = None, scale_factor: int = 4, device: Device = "cpu"):
+        who = "super_resolution"
+        if isinstance(scale_factor, float) and scale_factor.is_integer():
+            scale_factor = int(scale_factor)
+        self.scale_factor = _check_int(scale_factor, "scale_factor", who)
+        self.device = torch.device(device)
+        self._matrices: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        if in_shape is not None:
+            self._matrices_for(_image_hw(in_shape, f"{who}: in_shape"), self.device, torch.float32)
+
+    def _matrices_for(self, hw: tuple[int, int], device: torch.device, dtype: torch.dtype):
+        key = (hw, device, dtype)
+        if key not in self._matrices:
+            s = self.scale_factor
+            if hw[0] % s or hw[1] % s:
+                raise ValueError(
+                    f"super_resolution: image size {hw[0]}x{hw[1]} is not divisible by scale_factor {s}; "
+                    f"crop or resize the image to a multiple of {s}")
+            m_h, m_w = (torch.from_numpy(imresize_matrix(n, 1.0 / s, out_size=n // s)) for n in hw)
+            self._matrices[key] = (m_h.to(device=device, dtype=dtype), m_w.to(device=device, dtype=dtype))
+        return self._matrices[key]
+
+    def forward(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H/s, W/s)."""
+        m_h, m_w = self._matrices_for(tuple(x.shape[-2:]), x.device, x.dtype)
+        return m_h @ x @ m_w.T
+
+    def transpose(self, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """y (B, C, h, w) -> (B, C, h·s, w·s)."""
+        s = self.scale_factor
+        m_h, m_w = self._matrices_for((y.shape[-2] * s, y.shape[-1] * s), y.device, y.dtype)
+        return m_h.T @ y @ m_w
+
+
+# ---- blurs: reflect padding + depthwise cross-correlation, computed with FFTs ----
+
+class BlurOperator(Operator):
+    """Same-size blur: reflect-pad by k // 2, then cross-correlate every channel with one (k, k) kernel.
+
+    This is the official `ReflectionPad2d(k // 2)` + depthwise `Conv2d(groups=3)`, computed with FFTs
+    (`util.fft.reflect_correlate`, ms instead of seconds for k = 61). The kernel spectrum is cached per
+    (H, W, device, dtype). Images need H, W > k // 2 (PyTorch's reflect-padding limit).
+    """
+
+    is_linear = True
+
+    def __init__(self, kernel: torch.Tensor | np.ndarray, device: Device = "cpu"):
+        kernel = torch.as_tensor(kernel)
+        if kernel.ndim != 2 or kernel.shape[0] % 2 == 0 or kernel.shape[1] % 2 == 0:
+            raise ValueError(f"{self.name or 'blur'}: kernel must be a 2-D array with odd sides, got shape "
+                             f"{tuple(kernel.shape)}")
+        self.device = torch.device(device)
+        self.kernel = kernel.to(device=self.device, dtype=torch.float32)  # (k, k)
+        self._spectra: dict[tuple, KernelFFT] = {}
+
+    @classmethod
+    def from_kernel(cls, kernel: torch.Tensor | np.ndarray, device: Device = "cpu") -> "BlurOperator":
+        """The operator with a given (k, k) kernel (odd k), e.g. a stored motion kernel."""
+        op = cls.__new__(cls)
+        BlurOperator.__init__(op, kernel, device)
+        return op
+
+    def _spectrum(self, x: torch.Tensor) -> KernelFFT:
+        h, w = x.shape[-2:]
+        kh, kw = self.kernel.shape
+        if h <= kh // 2 or w <= kw // 2:
+            raise ValueError(
+                f"{self.name or 'blur'}: image {h}x{w} is too small for a {kh}x{kw} kernel (reflect padding needs "
+                f"H, W > {max(kh, kw) // 2}); use a smaller kernel_size or a larger image")
+        key = (h, w, x.device, x.dtype)
+        if key not in self._spectra:
+            self._spectra[key] = kernel_fft(self.kernel.to(device=x.device, dtype=x.dtype), (h, w))
+        return self._spectra[key]
+
+    def forward(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> (B, C, H, W)."""
+        return reflect_correlate(x, self._spectrum(x))
+
+    def transpose(self, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """Exact adjoint of `forward`: (B, C, H, W) -> (B, C, H, W)."""
+        return reflect_correlate_adjoint(y, self._spectrum(y))
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        return {"kernel": self.kernel}
+
+
+def gaussian_kernel(kernel_size: int, sigma: float) -> np.ndarray:
+    """The official Gaussian kernel: `scipy.ndimage.gaussian_filter` of a centred delta (support 4σ).
+
+    Returns float64 (kernel_size, kernel_size), normalised to sum 1.
+    """
+    delta = np.zeros((kernel_size, kernel_size))
+    delta[kernel_size // 2, kernel_size // 2] = 1.0
+    kernel = scipy.ndimage.gaussian_filter(delta, sigma=sigma)
+    return kernel / kernel.sum()
+
+
+def _check_kernel_size(kernel_size, who: str) -> int:
+    kernel_size = _check_int(kernel_size, "kernel_size", who)
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{who}: kernel_size must be odd (the blur keeps the image size), got {kernel_size}")
+    return kernel_size
+
+
+@register_operator("gaussian_blur")
+class GaussianBlurOperator(BlurOperator):
+    """Gaussian blur of standard deviation `intensity` pixels on a `kernel_size` square support."""
+
+    def __init__(self, kernel_size: int, intensity: float, device: Device = "cpu"):
+        kernel_size = _check_kernel_size(kernel_size, "gaussian_blur")
+        sigma = _check_float(intensity, "intensity (the Gaussian sigma, pixels)", "gaussian_blur", 0.0, low_open=True)
+        super().__init__(torch.from_numpy(gaussian_kernel(kernel_size, sigma)).float(), device)
+
+
+@register_operator("motion_blur")
+class MotionBlurOperator(BlurOperator):
+    """Blur with one random motion kernel (`motionblur.motion_kernel`) drawn at construction from `seed`.
+
+    As in the official code the kernel is drawn once per run and shared by all images (the official
+    constructor draws two kernels from numpy's global RNG and keeps the second; we draw one from
+    `np.random.default_rng(seed)`). Use `from_kernel` to rebuild an operator from a saved kernel.
+    """
+
+    def __init__(self, kernel_size: int, intensity: float, device: Device = "cpu", seed: int = 0):
+        kernel_size = _check_kernel_size(kernel_size, "motion_blur")
+        intensity = _check_float(intensity, "intensity", "motion_blur", 0.0, 1.0)
+        seed = _check_int(seed, "seed", "motion_blur", minimum=0)
+        kernel = motion_kernel(kernel_size, intensity, np.random.default_rng(seed))
+        super().__init__(torch.from_numpy(kernel), device)
+
+
+# ---- inpainting ----
+
+MASK_TYPES = ("box", "random", "file")
+MASK_OPT_KEYS = ("mask_type", "box", "path", "mask_len_range", "mask_prob_range", "image_size", "margin")
+_MASK_KEYS_BY_TYPE = {"box": ("box", "mask_len_range", "margin"), "random": ("mask_prob_range",), "file": ("path",)}
+# The official pixel driver's hole: rows and columns 100..199 of a 256×256 image. Other sizes get the
+# same box scaled proportionally (rows round(100·H/256) .. round(200·H/256) - 1, likewise columns).
+_OFFICIAL_HOLE = (100 / 256, 200 / 256)
+
+
+def _pair(value, name: str, kind: type) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise ValueError(f"inpainting: mask_opt.{name} must be a pair [a, b], got {value!r}")
+    try:
+        return tuple(kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"inpainting: mask_opt.{name} must hold two {kind.__name__}s, got {value!r}") from None
+
+
+@register_operator("inpainting")
+class InpaintingOperator(Operator):
+    """A(x) = x ⊙ mask, mask = 1 where a pixel is observed and 0 where it is missing (same in every channel).
+
+    `mask_opt` (all keys optional):
+      mask_type: "box" (default), "random" or "file".
+      box: [top, left, height, width], a fixed hole. Without `box` (and without `mask_len_range`) the
+        hole is the official one: rows/cols 100..199 at 256×256, scaled proportionally for other sizes.
+      mask_len_range: [lo, hi): box only; a random hole per image with sides drawn uniformly in
+        [lo, hi) and placed uniformly at least `margin` = [top/bottom, left/right] (default [16, 16])
+        pixels from the border (DPS's random box).
+      mask_prob_range: [lo, hi], random only (default [0.3, 0.7]): per image p ~ U(lo, hi) and
+        int(p·H·W) pixels, chosen uniformly, are missing (DPS's random mask).
+      path: file only; a greyscale image, white (>= 128) = observed, resized (nearest) to the image.
+      image_size: the official size hint; masks always follow the actual image size.
+
+    Every mask comes from `draw_state(generator, shape)` -> {"mask": (1, C, H, W)}; `forward(x)`
+    without a mask uses the fixed mask (box or file) for x's size.
+    """
+
+    is_linear = True
+
+    def __init__(self, mask_opt: dict | None = None, device: Device = "cpu"):
+        opt = dict(mask_opt or {})
+        unknown = [k for k in opt if k not in MASK_OPT_KEYS]
+        if unknown:
+            raise ValueError(f"inpainting: unknown mask_opt key(s) {', '.join(map(str, unknown))}; "
+                             f"valid keys: {', '.join(MASK_OPT_KEYS)}")
+        self.mask_type = opt.get("mask_type", "box")
+        if self.mask_type not in MASK_TYPES:
+            raise ValueError(f"inpainting: unknown mask_type '{self.mask_type}'; valid: {', '.join(MASK_TYPES)}")
+        stray = [k for k in opt if k not in ("mask_type", "image_size") + _MASK_KEYS_BY_TYPE[self.mask_type]]
+        if stray:
+            raise ValueError(f"inpainting: mask_opt key(s) {', '.join(stray)} do not apply to mask_type "
+                             f"'{self.mask_type}', which takes: {', '.join(_MASK_KEYS_BY_TYPE[self.mask_type])}")
+        if "box" in opt and "mask_len_range" in opt:
+            raise ValueError("inpainting: give either mask_opt.box (a fixed hole) or mask_opt.mask_len_range "
+                             "(a random hole), not both")
+        if "margin" in opt and "mask_len_range" not in opt:
+            raise ValueError("inpainting: mask_opt.margin applies only to random boxes; add mask_len_range "
+                             "or remove margin")
+        self.device = torch.device(device)
+        self.box = self._parse_box(opt.get("box"))
+        self.len_range = self._parse_len_range(opt.get("mask_len_range"))
+        self.margin = _pair(opt.get("margin", (16, 16)), "margin", int)
+        self.prob_range = self._parse_prob_range(opt.get("mask_prob_range", (0.3, 0.7)))
+        self._file_image = _read_mask_image(opt.get("path")) if self.mask_type == "file" else None
+        self._fixed: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def is_random(self) -> bool:
+        """Whether masks differ per image (drawn from the image's generator)."""
+        return self.mask_type == "random" or (self.mask_type == "box" and self.len_range is not None)
+
+    @staticmethod
+    def _parse_box(box) -> tuple[int, int, int, int] | None:
+        if box is None:
+            return None
+        if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4:
+            raise ValueError(f"inpainting: mask_opt.box must be [top, left, height, width], got {box!r}")
+        top, left, height, width = (_check_int(v, "box entries", "inpainting", minimum=0) for v in box)
+        if height < 1 or width < 1:
+            raise ValueError(f"inpainting: mask_opt.box height and width must be >= 1, got {list(box)}")
+        return top, left, height, width
+
+    @staticmethod
+    def _parse_len_range(value) -> tuple[int, int] | None:
+        if value is None:
+            return None
+        lo, hi = _pair(value, "mask_len_range", int)
+        if not 1 <= lo < hi:
+            raise ValueError(f"inpainting: mask_opt.mask_len_range must be [lo, hi) with 1 <= lo < hi, got {value!r}")
+        return lo, hi
+
+    @staticmethod
+    def _parse_prob_range(value) -> tuple[float, float]:
+        lo, hi = _pair(value, "mask_prob_range", float)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"inpainting: mask_opt.mask_prob_range must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                             f"got {value!r}")
+        return lo, hi
+
+    def draw_state(self, generator: torch.Generator, shape: Sequence[int]) -> dict[str, torch.Tensor]:
+        """{"mask": (1, C, H, W) float32 in {0, 1}} for an image of shape (..., C, H, W), on `self.device`."""
+        h, w = _image_hw(shape, "inpainting.draw_state")
+        channels = int(shape[-3]) if len(shape) >= 3 else 3
+        if self.mask_type == "random":
+            mask = self._random_pixels(generator, h, w)
+        elif self.mask_type == "file":
+            mask = self._file_mask(h, w)
+        elif self.len_range is not None:
+            mask = self._random_box(generator, h, w)
+        else:
+            mask = self._box_mask(h, w)
+        return {"mask": mask.expand(1, channels, h, w).contiguous().to(self.device)}
+
+    def _box_mask(self, h: int, w: int) -> torch.Tensor:
+        if self.box is None:
+            (r0, c0), (r1, c1) = ((round(f * h), round(f * w)) for f in _OFFICIAL_HOLE)
+        else:
+            top, left, height, width = self.box
+            r0, c0, r1, c1 = top, left, top + height, left + width
+            if r1 > h or c1 > w:
+                raise ValueError(f"inpainting: mask_opt.box {list(self.box)} does not fit in a {h}x{w} image")
+        mask = torch.ones(h, w)
+        mask[r0:r1, c0:c1] = 0
+        return mask
+
+    def _random_box(self, generator: torch.Generator, h: int, w: int) -> torch.Tensor:
+        lo, hi = self.len_range
+        box_h, box_w = (int(v) for v in torch.randint(lo, hi, (2,), generator=generator))
+        (m_h, m_w) = self.margin
+        if h - m_h - box_h <= m_h or w - m_w - box_w <= m_w:
+            raise ValueError(f"inpainting: a {box_h}x{box_w} hole with margin {list(self.margin)} does not fit "
+                             f"in a {h}x{w} image; reduce mask_len_range or margin")
+        top = int(torch.randint(m_h, h - m_h - box_h, (1,), generator=generator))
+        left = int(torch.randint(m_w, w - m_w - box_w, (1,), generator=generator))
+        mask = torch.ones(h, w)
+        mask[top:top + box_h, left:left + box_w] = 0
+        return mask
+
+    def _random_pixels(self, generator: torch.Generator, h: int, w: int) -> torch.Tensor:
+        lo, hi = self.prob_range
+        p = lo + (hi - lo) * float(torch.rand((), generator=generator, dtype=torch.float64))
+        missing = torch.randperm(h * w, generator=generator)[: int(p * h * w)]
+        mask = torch.ones(h * w)
+        mask[missing] = 0
+        return mask.view(h, w)
+
+    def _file_mask(self, h: int, w: int) -> torch.Tensor:
+        from PIL import Image
+
+        resized = self._file_image.resize((w, h), resample=Image.NEAREST)
+        return torch.from_numpy((np.asarray(resized) >= 128).astype(np.float32))
+
+    def _mask_for(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is not None:
+            return mask
+        if self.is_random:
+            raise ValueError(f"inpainting: mask_type '{self.mask_type}' draws a mask per image; pass "
+                             f"mask=operator.draw_state(generator, x.shape[1:])['mask']")
+        key = (tuple(x.shape[-3:]), x.device, x.dtype)
+        if key not in self._fixed:
+            mask = self.draw_state(torch.Generator(), x.shape[-3:])["mask"]
+            self._fixed[key] = mask.to(device=x.device, dtype=x.dtype)
+        return self._fixed[key]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, **state: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), mask (B or 1, C or 1, H, W) -> x ⊙ mask."""
+        return x * self._mask_for(x, mask)
+
+    def transpose(self, y: torch.Tensor, mask: torch.Tensor | None = None, **state: torch.Tensor) -> torch.Tensor:
+        """The mask is diagonal, so Aᵀ = A."""
+        return y * self._mask_for(y, mask)
+
+
+def _read_mask_image(path) -> "Image.Image":
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        raise ValueError("inpainting: mask_type 'file' needs mask_opt.path, a greyscale image (white = observed)")
+    try:
+        with Image.open(Path(path)) as image:
+            return image.convert("L")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ValueError(f"inpainting: cannot read mask_opt.path '{path}' ({exc.__class__.__name__}); give a "
+                         f"greyscale image file where white = observed, black = missing") from None
+
+
+# ---- phase retrieval ----
+
+@register_operator("phase_retrieval")
+class PhaseRetrievalOperator(Operator):
+    """Fourier magnitude of the zero-padded image: |fft2c(pad(x))|, (B, C, H, W) -> (B, C, H + 2p_h, W + 2p_w).
+
+    p_h = int(oversample / 8 · H) zeros on each side (and likewise p_w from W): 64 for 256×256 with
+    oversample 2, the official constant, which the official code computes from 256 whatever the image.
+    The FFT is centred and orthonormal (complex64 for float32 input). Not linear; autograd gives the
+    gradient (torch's derivative of |z| at z = 0 is 0, as in the official code).
+    """
+
+    is_linear = False
+
+    def __init__(self, oversample: float, device: Device = "cpu"):
+        self.oversample = _check_float(oversample, "oversample", "phase_retrieval", 0.0)
+        self.device = torch.device(device)
+
+    def padding(self, h: int, w: int) -> tuple[int, int]:
+        """Zeros added on each side along H and W."""
+        return int(self.oversample / 8.0 * h), int(self.oversample / 8.0 * w)
+
+    def forward(self, x: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        pad_h, pad_w = self.padding(*x.shape[-2:])
+        x = torch.nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        return fft2c(x).abs()
+
+
+# ---- measurement noise ----
+
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+def _draw_per_image(y: torch.Tensor, generator, draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
+    """Apply `draw(y_cpu, generator)` to the whole batch, or to each image with its own generator."""
+    y_cpu = y.detach().to("cpu")
+    if isinstance(generator, torch.Generator):
+        out = draw(y_cpu, generator)
+    else:
+        generators = list(generator)
+        if len(generators) != y.shape[0]:
+            raise ValueError(f"noise: got {len(generators)} generators for a batch of {y.shape[0]}; "
+                             f"pass one torch.Generator per image (or a single one)")
+        out = torch.cat([draw(y_cpu[b:b + 1], g) for b, g in enumerate(generators)])
+    return out.to(device=y.device, dtype=y.dtype)
+
+
+@register_noise("gaussian")
+class GaussianNoise(Noise):
+    """y + σ·n, n ~ N(0, I) drawn (float32) on the CPU from the image's generator."""
+
+    def __init__(self, sigma: float):
+        self.sigma = _check_float(sigma, "sigma", "gaussian noise", 0.0)
+
+    def __call__(self, y: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """y (B, ...) -> y + σ·n. `generator`: one for the batch, or one per image."""
+        noise = _draw_per_image(y, generator, lambda v, g: torch.randn(v.shape, generator=g))
+        return y + self.sigma * noise
+
+
+@register_noise("poisson")
+class PoissonNoise(Noise):
+    """Shot noise as DPS: counts ~ Poisson(255·rate·y01) with y01 = clamp((y + 1)/2, 0, 1), then
+    y' = clamp(2·counts/(255·rate) − 1, −1, 1). `rate` scales the photon count per 8-bit grey level.
+    Drawn on the CPU from the image's generator; no gradient flows through it.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = _check_float(rate, "rate", "poisson noise", 0.0, low_open=True)
+
+    def __call__(self, y: torch.Tensor, generator: Generators) -> torch.Tensor:
+        """y (B, ...) in [-1, 1] -> noisy y in [-1, 1]."""
+        scale = 255.0 * self.rate
+
+        def draw(v: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            y01 = ((v.double() + 1.0) / 2.0).clamp(0.0, 1.0)
+            counts = torch.poisson(y01 * scale, generator=g)
+            return (counts / scale * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+        return _draw_per_image(y, generator, draw)
+
+
+import bkse.operator  # noqa: E402,F401  registers nonlinear_blur
