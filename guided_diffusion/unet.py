@@ -1,0 +1,505 @@
+"""The guided-diffusion ADM UNet (Dhariwal & Nichol 2021), written to load its public checkpoints.
+
+`create_model(**model_config)` takes the keys of a model-configuration YAML and returns the network in
+eval mode, with the checkpoint at `model_path` loaded strictly (random weights when it is absent).
+Module and parameter names are exactly guided-diffusion's, so its state_dicts load unchanged:
+`time_embed.{0,2}`, `input_blocks.N.M.*`, `middle_block.{0,1,2}.*`, `output_blocks.N.M.*`, `out.{0,2}`.
+
+Differences from the reference that do not change the numbers:
+- attention runs through `F.scaled_dot_product_attention` (the `qkv`/`proj_out` kernel-1 Conv1d
+  weights are applied as linear maps over the tokens);
+- plain autograd everywhere, so gradients w.r.t. the input work with frozen weights; `use_checkpoint`
+  uses `torch.utils.checkpoint` (non-reentrant) while gradients are enabled;
+- `use_fp16` keeps every weight in float32: run the model under `torch.autocast` for half precision
+  (GroupNorm and the attention softmax then still compute in float32, as the reference does).
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from guided_diffusion.checkpoints import load_weights
+
+NUM_CLASSES = 1000
+GROUPS = 32  # GroupNorm groups, fixed by the checkpoints
+
+DPS_DRIVE = "the DPS authors' Google Drive folder linked from https://github.com/DPS2022/diffusion-posterior-sampling"
+OPENAI = "https://github.com/openai/guided-diffusion"
+DOWNLOAD_PAGES = {
+    "ffhq_10m.pt": DPS_DRIVE,
+    "imagenet_256.pt": f"{DPS_DRIVE} (also {OPENAI}: 256x256_diffusion_uncond.pt)",
+    "imagenet256.pt": f"{DPS_DRIVE} (also {OPENAI}: 256x256_diffusion_uncond.pt)",
+    "lsun_bedroom.pt": OPENAI,
+}
+FILE_ALIASES = {"imagenet_256.pt": "imagenet256.pt", "imagenet256.pt": "imagenet_256.pt"}
+
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+MODEL_CONFIG_DEFAULTS = dict(
+    image_size=256,
+    num_channels=128,
+    num_res_blocks=1,
+    channel_mult="",
+    learn_sigma=True,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=4,
+    num_head_channels=64,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+    dropout=0.0,
+    resblock_updown=True,
+    use_fp16=False,
+    use_new_attention_order=False,
+    model_path=None,
+)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding `[cos(t·f), sin(t·f)]` (cosine first), f_i = max_period^(-i/half).
+
+    timesteps: (B,) integer or float steps (raw 0..999, not rescaled). Returns (B, dim) float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    )
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back to the input dtype (autocast-friendly)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    return GroupNorm32(GROUPS, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters: ADM starts every residual branch and the output at zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 3x3 conv (`conv`) when `use_conv` (only without resblock_updown)."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv (`op`) when `use_conv`, else 2x2 average pooling."""
+
+    def __init__(self, channels: int, use_conv: bool, out_channels: int | None = None):
+        super().__init__()
+        self.op = (
+            nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1)
+            if use_conv
+            else nn.AvgPool2d(kernel_size=2, stride=2)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, timestep injection (scale-shift: GN(h)·(1+scale)+shift), GN-SiLU-dropout-conv, skip.
+
+    With `up`/`down` the (parameter-free) resampling sits between SiLU and the first conv, and the
+    residual input is resampled the same way. Key indices: in_layers.{0,2}, emb_layers.1,
+    out_layers.{0,3}, skip_connection (1x1 conv, only when the channel count changes).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
+        )
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, H, W); emb: (B, emb_channels) → (B, C_out, H', W')."""
+        if self.updown:
+            h = self.in_layers[:-1](x)
+            h = self.h_upd(h)
+            x = self.x_upd(x)
+            h = self.in_layers[-1](h)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]  # (B, 2·C_out or C_out, 1, 1)
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)  # first half scale, second half shift
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[1:](h)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention over the H·W tokens with a residual connection.
+
+    Keys: `norm`, `qkv` (Conv1d kernel 1, weight (3C, C, 1)), `proj_out` (Conv1d, (C, C, 1)). The Conv1d
+    modules only hold the weights in the checkpoint's shapes; they are applied as linear maps over
+    the tokens, which keeps channels_last inputs free of copies.
+
+    `legacy_order` (guided-diffusion's default, the public checkpoints) groups the 3C qkv channels by
+    head: [h0: q k v | h1: q k v | ...]; the new order is [all q | all k | all v].
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, legacy_order: bool = True):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(
+                    f"model config: num_head_channels={num_head_channels} does not divide the attention "
+                    f"channel count {channels}; choose a divisor of it (or -1 to use num_heads)"
+                )
+            self.num_heads = channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"model config: num_heads={self.num_heads} does not divide {channels} channels; choose a divisor")
+        self.legacy_order = legacy_order
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) → (B, C, H, W)."""
+        b, c, hh, ww = x.shape
+        heads, ch = self.num_heads, c // self.num_heads
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, hh * ww, c)  # (B, T, C)
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, T, 3C)
+        if self.legacy_order:
+            q, k, v = qkv.view(b, hh * ww, heads, 3 * ch).split(ch, dim=-1)  # each (B, T, heads, ch)
+        else:
+            q, k, v = (z.view(b, hh * ww, heads, ch) for z in qkv.chunk(3, dim=-1))
+        a = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, heads, T, ch)
+        a = a.transpose(1, 2).reshape(b, hh * ww, c)  # (B, T, C), channel = head·ch + i
+        h = F.linear(a, self.proj_out.weight[:, :, 0], self.proj_out.bias)  # (B, T, C)
+        return x + h.view(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ/√d)·v over (B, heads, T, d) tensors.
+
+    The fused kernels accumulate the logits and the softmax in float32 for half inputs, as the
+    reference's explicit `softmax(w.float())` does.
+    """
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential that hands the timestep embedding to the ResBlocks among its children."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+# --------------------------------------------------------------------------------------------------
+# The UNet
+# --------------------------------------------------------------------------------------------------
+
+class UNetModel(nn.Module):
+    """ADM UNet: `model(x, timesteps, y=None)`.
+
+    x: (B, in_channels, H, W), images in [-1, 1] (noised); H and W multiples of 2^(levels−1).
+    timesteps: (B,) (or a scalar) raw diffusion steps 0..999. y: (B,) class labels when class-conditional.
+    Returns (B, out_channels, H, W): ε, followed by the learned-range values when out_channels = 6.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+        use_fp16: bool = False,
+    ):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16  # a hint for the caller's autocast; the weights stay float32
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        def res(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **updown)
+
+        def attn(ch: int, heads: int) -> AttentionBlock:
+            return AttentionBlock(ch, heads, num_head_channels, legacy_order=not use_new_attention_order)
+
+        ch = int(channel_mult[0] * model_channels)
+        first_ch = ch
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, conv_resample, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(res(ch, ch), attn(ch, num_heads), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(attn(ch, num_heads_upsample))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
+
+    def _block(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) in [-1, 1]; timesteps: (B,) steps 0..999 → (B, out_channels, H, W)."""
+        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
+            raise ValueError(
+                f"UNet input: height and width must be multiples of {self.downsample_factor} for this model "
+                f"(got {tuple(x.shape[-2:])}); pad or resize the image"
+            )
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("UNet input: pass class labels y exactly when the model is class-conditional (class_cond)")
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4·mc)
+        if y is not None:
+            emb = emb + self.label_emb(y)
+
+        h = x.to(self.out[2].weight.dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._block(block, h, emb)
+            skips.append(h)
+        h = self._block(self.middle_block, h, emb)
+        for block in self.output_blocks:
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)  # [h, skip], h first
+        return self.out(h)
+
+
+# --------------------------------------------------------------------------------------------------
+# create_model: YAML keys → UNetModel (+ checkpoint)
+# --------------------------------------------------------------------------------------------------
+
+def create_model(**model_config) -> nn.Module:
+    """Build the ADM UNet from the keys of a model-configuration YAML and load `model_path` strictly.
+
+    Keys (defaults in `MODEL_CONFIG_DEFAULTS`): image_size, num_channels, num_res_blocks, channel_mult
+    ("" = default for image_size, "1,2,2" or a list), learn_sigma (6 output channels instead of 3),
+    class_cond (1000 classes), use_checkpoint, attention_resolutions (int, "32,16,8" or a list of
+    pixel resolutions), num_heads, num_head_channels (overrides num_heads when not -1),
+    num_heads_upsample, use_scale_shift_norm, dropout, resblock_updown, use_fp16 (weights stay
+    float32; use torch.autocast), use_new_attention_order, model_path (None/"" = random weights;
+    relative paths resolve against the current directory, then the repository root).
+    Returns the model in eval mode; with a checkpoint its parameters are frozen. Without one the
+    initialisation is ADM's: the last conv of every residual branch, every attention `proj_out` and
+    the output conv start at zero, so a fresh model outputs zeros.
+    """
+    unknown = sorted(set(model_config) - set(MODEL_CONFIG_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"model config: unknown key(s) {unknown}; valid keys are {sorted(MODEL_CONFIG_DEFAULTS)}"
+        )
+    cfg = {**MODEL_CONFIG_DEFAULTS, **model_config}
+    image_size = int(cfg["image_size"])
+    channel_mult = parse_channel_mult(cfg["channel_mult"], image_size)
+    model_channels = int(cfg["num_channels"])
+    bad = [m for m in channel_mult if int(m * model_channels) % GROUPS or int(m * model_channels) <= 0]
+    if bad:
+        raise ValueError(
+            f"model config: num_channels={model_channels} × channel_mult {bad} is not a positive multiple of "
+            f"{GROUPS} (GroupNorm groups); change num_channels or channel_mult"
+        )
+    model = UNetModel(
+        in_channels=3,
+        model_channels=model_channels,
+        out_channels=6 if cfg["learn_sigma"] else 3,
+        num_res_blocks=int(cfg["num_res_blocks"]),
+        attention_resolutions=parse_attention_resolutions(cfg["attention_resolutions"], image_size),
+        dropout=float(cfg["dropout"]),
+        channel_mult=channel_mult,
+        num_classes=NUM_CLASSES if cfg["class_cond"] else None,
+        use_checkpoint=bool(cfg["use_checkpoint"]),
+        num_heads=int(cfg["num_heads"]),
+        num_head_channels=int(cfg["num_head_channels"]),
+        num_heads_upsample=int(cfg["num_heads_upsample"]),
+        use_scale_shift_norm=bool(cfg["use_scale_shift_norm"]),
+        resblock_updown=bool(cfg["resblock_updown"]),
+        use_new_attention_order=bool(cfg["use_new_attention_order"]),
+        use_fp16=bool(cfg["use_fp16"]),
+    )
+    if cfg["model_path"]:
+        path = resolve_model_path(cfg["model_path"])
+        name = os.path.basename(path)
+        load_weights(
+            model,
+            path,
+            what=f"guided-diffusion UNet ({name})",
+            source=DOWNLOAD_PAGES.get(name, "the place you got it from"),
+        )
+    return model.eval()
+
+
+def parse_channel_mult(channel_mult: str | Sequence[float], image_size: int) -> tuple[float, ...]:
+    """"" → the default for `image_size`; "1,2,2" or [1, 2, 2] → (1, 2, 2)."""
+    if channel_mult in ("", None):
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(
+                f"model config: no default channel_mult for image_size={image_size} (defaults exist for "
+                f"{sorted(DEFAULT_CHANNEL_MULT)}); set channel_mult explicitly, e.g. \"1,2,2\""
+            )
+        return DEFAULT_CHANNEL_MULT[image_size]
+    try:
+        items = channel_mult.split(",") if isinstance(channel_mult, str) else list(channel_mult)
+        mult = tuple(_number(m) for m in items)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"model config: channel_mult={channel_mult!r} is not a list of numbers; use e.g. \"1,2,2\" or \"\""
+        ) from None
+    if not mult or any(m <= 0 for m in mult):
+        raise ValueError(f"model config: channel_mult={channel_mult!r} must hold positive numbers, e.g. \"1,2,2\"")
+    return mult
+
+
+def parse_attention_resolutions(resolutions: int | str | Sequence[int], image_size: int) -> tuple[int, ...]:
+    """Pixel resolutions (16, "32,16,8", [32, 16]) → downsampling factors image_size // r."""
+    try:
+        if isinstance(resolutions, str):
+            items = [r for r in resolutions.split(",") if r.strip()]
+        elif isinstance(resolutions, int):
+            items = [resolutions]
+        else:
+            items = list(resolutions)
+        res = [int(r) for r in items]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"model config: attention_resolutions={resolutions!r} is not a list of integers; use e.g. 16 or \"32,16,8\""
+        ) from None
+    bad = [r for r in res if r <= 0 or image_size % r]
+    if bad:
+        raise ValueError(
+            f"model config: attention_resolutions {bad} do not divide image_size={image_size}; "
+            f"use pixel resolutions such as {image_size // 16} or \"{image_size // 8},{image_size // 16}\""
+        )
+    return tuple(image_size // r for r in res)
+
+
+def resolve_model_path(model_path: str | os.PathLike) -> str:
+    """Absolute path of the checkpoint: as given, then under the repository root; accepts the
+    imagenet_256.pt / imagenet256.pt spellings for each other. A missing file resolves to the path
+    where it should be placed, so the loader's error names it."""
+    model_path = os.path.expanduser(os.fspath(model_path))
+    bases = [""] if os.path.isabs(model_path) else [os.getcwd(), REPO_ROOT]
+    candidates = [os.path.join(base, model_path) for base in bases]
+    for path in candidates:
+        alias = FILE_ALIASES.get(os.path.basename(path))
+        for p in [path] + ([os.path.join(os.path.dirname(path), alias)] if alias else []):
+            if os.path.isfile(p):
+                return os.path.abspath(p)
+    return os.path.abspath(candidates[-1])
+
+
+def _number(s: str | float) -> float:
+    value = float(s)
+    return int(value) if value.is_integer() else value
