@@ -26,7 +26,10 @@ def read_state_dict(path: str | os.PathLike, *, what: str, source: str) -> dict[
             f"(or set model_path in the model config)"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt or pickled-object files
         raise CheckpointError(
             f"{what}: cannot read checkpoint '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

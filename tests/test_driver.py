@@ -1,0 +1,139 @@
+"""End-to-end runs of dcdp.py with a tiny random UNet on small images, and its bad-input handling."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import dcdp
+
+TINY_UNET = {
+    "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "learn_sigma": True,
+    "class_cond": False, "use_checkpoint": False, "attention_resolutions": "16", "num_heads": 4,
+    "num_head_channels": 16, "num_heads_upsample": -1, "use_scale_shift_norm": True, "dropout": 0.0,
+    "resblock_updown": True, "use_fp16": False, "use_new_attention_order": False, "model_path": None,
+}
+
+
+def write_images(folder: Path, n: int, size: int = 32) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    data = tmp_path / "data"
+    write_images(data, 2)
+    task = {"measurement": {"operator": {"name": "super_resolution", "in_shape": [1, 3, 32, 32], "scale_factor": 4},
+                            "noise": {"name": "gaussian", "sigma": 0.05}},
+            "conditioning": {"method": "ps", "params": {"scale": 0.3}}}
+    pur = {"total_num_iterations": 3, "csgm_num_iterations": 5, "lr": 1000, "ddim_init_timestep": 100,
+           "ddim_end_timestep": 0, "purification_schedule": "linear", "optimizer": "SGD", "momentum": 0.9,
+           "ddim_num_iterations": 4, "full_ddim": True, "use_weight_decay": False, "weight_decay_lambda": 0,
+           "save_every_main": 1000, "save_every_sub": 1000, "dataset": {"name": "ffhq", "root": str(data)},
+           "others": {"img_size": [1, 3, 32, 32]}}
+    paths = {}
+    for name, content in (("task", task), ("pur", pur), ("model", TINY_UNET)):
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(content))
+    paths["out"] = tmp_path / "out"
+    paths["data"] = data
+    return paths
+
+
+def args(p, *extra):
+    return ["--task_config", str(p["task"]), "--purification_config", str(p["pur"]), "--model_config", str(p["model"]),
+            "--save_dir", str(p["out"]), "--device", "cpu", "--quiet", *extra]
+
+
+def run_dir(p) -> Path:
+    return next(p["out"].glob("*/*/*/*"))
+
+
+def test_end_to_end_writes_all_outputs(setup):
+    assert dcdp.main(args(setup, "--save_iterates")) == 0
+    root = run_dir(setup)
+    for sub in ("input", "recon", "label"):
+        assert sorted(f.name for f in (root / sub).iterdir()) == ["00000.png", "00001.png"]
+    assert (root / "measurements" / "00000.pt").is_file()
+    assert (root / "iterates" / "00001.pt").is_file()
+    assert (root / "figures" / "00000_metrics.png").is_file()
+    rows = list(csv.DictReader(open(root / "metrics.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert float(rows[0]["psnr"]) > 0 and int(rows[0]["nfe"]) == 4 + 4 + 2
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["ok"] == 2 and summary["metrics"]["psnr"]["n"] == 2
+    assert "torch" in summary["versions"]
+    assert not list(root.rglob("*.tmp*"))
+
+
+def test_batch_size_does_not_change_results(setup):
+    assert dcdp.main(args(setup, "--no_curves")) == 0
+    one = (run_dir(setup) / "recon" / "00001.png").read_bytes()
+    setup["out"] = setup["out"].parent / "out_b2"
+    assert dcdp.main(args(setup, "--no_curves", "--batch_size", "2")) == 0
+    a = np.asarray(Image.open(run_dir(setup) / "recon" / "00001.png"), dtype=int)
+    b = np.asarray(Image.open(__import__("io").BytesIO(one)), dtype=int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_resume_skips_complete_and_refuses_other_configs(setup, caplog):
+    assert dcdp.main(args(setup, "--no_curves", "--max_images", "1")) == 0
+    root = run_dir(setup)
+    first = (root / "recon" / "00000.png").stat().st_mtime_ns
+    assert dcdp.main(args(setup, "--no_curves", "--resume")) == 0
+    assert (root / "recon" / "00000.png").stat().st_mtime_ns == first
+    assert (root / "recon" / "00001.png").is_file()
+    assert dcdp.main(args(setup, "--no_curves", "--resume", "--seed", "5")) == dcdp.EXIT_BAD_INPUT
+    assert "different settings" in caplog.text
+
+
+def test_corrupt_image_is_reported_and_skipped(setup):
+    (setup["data"] / "img9.png").write_bytes(b"not a png")
+    assert dcdp.main(args(setup, "--no_curves")) == dcdp.EXIT_FAILED_IMAGES
+    rows = {r["file"].split("/")[-1]: r for r in csv.DictReader(open(run_dir(setup) / "metrics.csv"))}
+    assert rows["img9.png"]["status"] == "failed" and "img9.png" in rows["img9.png"]["reason"]
+    assert rows["img0.png"]["status"] == "ok"
+
+
+def test_divergence_is_reported(setup):
+    pur = yaml.safe_load(setup["pur"].read_text())
+    pur["lr"] = 1e30
+    setup["pur"].write_text(yaml.safe_dump(pur))
+    assert dcdp.main(args(setup, "--no_curves", "--max_images", "1")) == dcdp.EXIT_FAILED_IMAGES
+    row = next(csv.DictReader(open(run_dir(setup) / "metrics.csv")))
+    assert row["status"] == "failed" and "outer iteration 0" in row["reason"]
+
+
+@pytest.mark.parametrize("which,key", [("pur", "learning_rate"), ("task", "measurment"), ("model", "num_chanels")])
+def test_unknown_yaml_key_fails_with_valid_list(setup, caplog, which, key):
+    d = yaml.safe_load(setup[which].read_text())
+    d[key] = 1
+    setup[which].write_text(yaml.safe_dump(d))
+    assert dcdp.main(args(setup)) == dcdp.EXIT_BAD_INPUT
+    assert key in caplog.text and "valid" in caplog.text
+
+
+def test_missing_checkpoint_fails_before_work(setup, caplog):
+    m = yaml.safe_load(setup["model"].read_text())
+    m["model_path"] = "models/does_not_exist.pt"
+    setup["model"].write_text(yaml.safe_dump(m))
+    assert dcdp.main(args(setup)) == dcdp.EXIT_BAD_INPUT
+    assert "does_not_exist.pt" in caplog.text
+    assert not setup["out"].exists()
+
+
+def test_official_yaml_with_python_tuple_loads(tmp_path):
+    from guided_diffusion.config import load_purification_config
+
+    p = tmp_path / "official.yaml"
+    p.write_text("total_num_iterations: 10\ncsgm_num_iterations: 100\nlr: 1000\nddim_init_timestep: 400\n"
+                 "ddim_end_timestep: 0\ndataset:\n  name: ffhq\n  root: ./data/ffhq\n"
+                 "others:\n  img_size: !!python/tuple [1,3,256,256]\n")
+    cfg = load_purification_config(p)
+    assert cfg.image_size == 256 and cfg.settings().timesteps()[0] == 400

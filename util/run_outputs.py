@@ -1,0 +1,117 @@
+"""Everything a run writes, in one place: the run folder, per-image files and the merged summaries.
+
+Every file is written atomically (temp file + rename), so a run killed at any moment leaves each
+file either complete or absent. Per-image results live in `metrics/{index:05d}.json`; `metrics.csv`
+and `summary.json` are rebuilt from them, which makes resuming and multi-process runs simple.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from util.image_io import atomic_save_torch, atomic_write_text, save_image, save_normalized
+
+CSV_COLUMNS = (
+    "index", "file", "status", "reason", "psnr_before", "ssim_before", "lpips_before", "psnr", "ssim", "lpips",
+    "seconds", "nfe", "dc_steps",
+)
+SUBDIRS = ("input", "recon", "label", "measurements", "states", "metrics", "figures")
+
+
+def run_dir_name(save_dir: str, operator_name: str, dataset_name: str, sigma: float, s, full_ddim: bool,
+                 ddim_num_iterations: int) -> Path:
+    """The official layout: {save_dir}/{op}/{dataset}/noise_std_{σ}/{T_init}_{T_end}_{K}_{τ}_{schedule}_{lr}_
+    {momentum}_{full_ddim}_{n}_{λ}."""
+    sigma_str = f"{sigma:g}"
+    lr = int(s.lr) if float(s.lr).is_integer() else s.lr
+    leaf = (f"{s.T_init}_{s.T_end}_{s.K}_{s.tau}_{s.schedule}_{lr}_{s.momentum}_{full_ddim}_"
+            f"{ddim_num_iterations}_{s.weight_decay_lambda:g}")
+    if not s.purify:
+        leaf += "_no_purification"
+    return Path(save_dir) / operator_name / dataset_name / f"noise_std_{sigma_str}" / leaf
+
+
+def make_dirs(root: Path, save_iterates: bool) -> None:
+    for sub in SUBDIRS + (("iterates",) if save_iterates else ()):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+
+
+def stem(index: int) -> str:
+    return f"{index:05d}"
+
+
+def image_complete(root: Path, index: int) -> bool:
+    """An image is done when its metrics record exists (written last, after every other file)."""
+    return (root / "metrics" / f"{stem(index)}.json").is_file()
+
+
+def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor, recon: Optional[torch.Tensor],
+                       state: dict, iterates: Optional[list]) -> None:
+    """Write one image's pictures and tensors (not its metrics record). Tensors are (3, H, W)."""
+    name = stem(index)
+    save_image(gt, root / "label" / f"{name}.png")
+    if y.dim() == 3 and y.shape[0] == 3 and y.min() >= -1.5 and y.max() <= 1.5:
+        save_image(y, root / "input" / f"{name}.png")
+    else:
+        save_normalized(y, root / "input" / f"{name}.png")
+    atomic_save_torch(y.cpu(), root / "measurements" / f"{name}.pt")
+    if state:
+        atomic_save_torch({k: v.cpu() for k, v in state.items()}, root / "states" / f"{name}.pt")
+    if recon is not None:
+        save_image(recon, root / "recon" / f"{name}.png")
+    if iterates is not None:
+        atomic_save_torch(iterates, root / "iterates" / f"{name}.pt")
+
+
+def write_record(root: Path, record: dict) -> None:
+    """Write one image's record; non-finite numbers (PSNR of a perfect result is inf) become strings."""
+    record = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    atomic_write_text(root / "metrics" / f"{stem(record['index'])}.json", json.dumps(record, indent=1))
+
+
+def read_records(root: Path) -> list[dict]:
+    records = []
+    for p in sorted((root / "metrics").glob("*.json")):
+        try:
+            records.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return sorted(records, key=lambda r: r["index"])
+
+
+def _stats(values: list) -> dict:
+    vals = [v for v in values if v is not None and isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+
+
+def write_summaries(root: Path, meta: dict) -> dict:
+    """Rebuild metrics.csv and summary.json from the per-image records; returns the summary."""
+    records = read_records(root)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    atomic_write_text(root / "metrics.csv", buf.getvalue())
+    ok = [r for r in records if r.get("status") == "ok"]
+    summary = dict(meta)
+    summary.update({
+        "images": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+        "failures": [{"index": r["index"], "file": r.get("file"), "reason": r.get("reason")} for r in records
+                     if r.get("status") != "ok"],
+        "metrics": {key: _stats([r.get(key) for r in ok]) for key in
+                    ("psnr", "ssim", "lpips", "psnr_before", "ssim_before", "lpips_before", "seconds")},
+    })
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=1))
+    return summary
