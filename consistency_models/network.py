@@ -1,0 +1,234 @@
+"""The OpenAI consistency-model UNet (`cm/unet.py`), written to load the public CD/CT checkpoints.
+
+It is guided-diffusion's ADM UNet: the ResBlocks, the sinusoidal timestep embedding, GroupNorm32 and
+the block layout are the ones of `guided_diffusion.unet` and are reused from there. One part differs,
+the attention block (`CMAttentionBlock`):
+- `qkv` and `proj_out` are 1x1 **Conv2d** layers (weights (3C, C, 1, 1) and (C, C, 1, 1)), not Conv1d;
+- the 3C qkv channels are q|k|v-major, `[all q heads | all k heads | all v heads]` (einops
+  `(three h d)`), not ADM's per-head legacy grouping. Reading the weights in the other order gives
+  wrong numbers with no shape error.
+
+The time input is the consistency model's c_noise = 250·ln σ (a float, negative below σ = 1), fed to
+the same sinusoidal embedding. Module and parameter names are exactly `cm/unet.py`'s, so the released
+state_dicts load unchanged with `strict=True`.
+
+Reference run-time differences that do not change the numbers (fp32): attention runs through
+`F.scaled_dot_product_attention` (the reference uses flash-attn on fp16 with scale 1/√d). With
+`torso_dtype` set, the input/middle/output blocks run under autocast in that dtype while the time
+embedding, label embedding and `out` stay float32, the split the reference's `use_fp16` makes.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guided_diffusion.unet import (
+    Downsample,
+    ResBlock,
+    TimestepEmbedSequential,
+    Upsample,
+    normalization,
+    parse_attention_resolutions,
+    parse_channel_mult,
+    timestep_embedding,
+    zero_module,
+)
+
+NUM_CLASSES = 1000  # ImageNet; labels are ints in [0, 999], no null class
+GROUPS = 32
+
+# cm/script_util.py model_and_diffusion_defaults(), network part.
+NETWORK_DEFAULTS = dict(
+    image_size=64,
+    num_channels=128,
+    num_res_blocks=2,
+    channel_mult="",
+    attention_resolutions="32,16,8",
+    num_heads=4,
+    num_head_channels=64,
+    num_heads_upsample=-1,
+    class_cond=False,
+    use_scale_shift_norm=True,
+    resblock_updown=False,
+    dropout=0.0,
+    learn_sigma=False,
+)
+
+
+class CMAttentionBlock(nn.Module):
+    """Self-attention over the H·W tokens with a residual connection, in the consistency models' layout.
+
+    Keys: `norm` (GroupNorm32), `qkv` (Conv2d 1x1, (3C, C, 1, 1)), `proj_out` (Conv2d 1x1, zero-initialised).
+    Heads: C // num_head_channels, or `num_heads` when num_head_channels is -1.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1):
+        super().__init__()
+        heads = num_heads if num_head_channels == -1 else channels // max(num_head_channels, 1)
+        if heads < 1 or channels % heads or (num_head_channels != -1 and channels % num_head_channels):
+            raise ValueError(
+                f"model config: num_heads={num_heads} / num_head_channels={num_head_channels} do not divide "
+                f"the attention channel count {channels}; choose a divisor (num_head_channels -1 uses num_heads)"
+            )
+        self.num_heads = heads
+        self.norm = normalization(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) → (B, C, H, W)."""
+        b, c, hh, ww = x.shape
+        d = c // self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, d, hh * ww)  # (B, three, h, d, T)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, h, T, d)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√d)·v, (B, h, T, d)
+        a = a.transpose(-1, -2).reshape(b, c, hh, ww)  # channel = head·d + i, einops (h d)
+        return x + self.proj_out(a)
+
+
+class ConsistencyUNet(nn.Module):
+    """The consistency model's network F: `net(x, c_noise, y=None)`.
+
+    x: (B, in_channels, H, W), the preconditioned input c_in·x_σ; H and W multiples of 2^(levels−1).
+    c_noise: (B,) floats 250·ln σ (or a scalar). y: (B,) int64 labels in [0, 999] when class-conditional.
+    Returns the raw output F, (B, out_channels, H, W) float32.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_ds: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 3, 4),
+        num_classes: int | None = None,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+    ):
+        super().__init__()
+        num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
+        self.model_channels = model_channels
+        self.num_classes = num_classes
+        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+        self.torso_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA, as the reference's use_fp16
+
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if num_classes is not None:
+            self.label_emb = nn.Embedding(num_classes, emb_dim)
+
+        def res(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **updown)
+
+        ch = first_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_ds:
+                    layers.append(CMAttentionBlock(ch, num_heads, num_head_channels))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, True, ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                skip_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res(ch, ch), CMAttentionBlock(ch, num_heads, num_head_channels), res(ch, ch)
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_ds:
+                    layers.append(CMAttentionBlock(ch, num_heads_upsample, num_head_channels))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, True, ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W); c_noise: (B,) 250·ln σ; y: (B,) labels or None → F, (B, out_channels, H, W)."""
+        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
+            raise ValueError(
+                f"consistency model input: height and width must be multiples of {self.downsample_factor} "
+                f"(got {tuple(x.shape[-2:])}); pad or resize the image"
+            )
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError(
+                "consistency model input: pass class labels y exactly when the model is class-conditional (class_cond)"
+            )
+        c_noise = torch.as_tensor(c_noise, device=x.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(x.shape[0])
+
+        emb = self.time_embed(timestep_embedding(c_noise, self.model_channels))  # (B, 4·mc), float32
+        if y is not None:
+            emb = emb + self.label_emb(y)
+
+        torso = torch.autocast(x.device.type, dtype=self.torso_dtype) if self.torso_dtype else nullcontext()
+        with torso:
+            h, skips = x, []
+            for block in self.input_blocks:
+                h = block(h, emb)
+                skips.append(h)
+            h = self.middle_block(h, emb)
+            for block in self.output_blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb)  # [h, skip], h first
+        return self.out(h.float())
+
+
+def build_network(**config) -> ConsistencyUNet:
+    """A `ConsistencyUNet` from the network keys of a CM model config (defaults: `NETWORK_DEFAULTS`).
+
+    Keys: image_size, num_channels, num_res_blocks, channel_mult ("" = the default for image_size),
+    attention_resolutions (pixel sizes, "32,16,8"), num_heads, num_head_channels (overrides
+    num_heads unless -1), num_heads_upsample, class_cond (1000 classes), use_scale_shift_norm,
+    resblock_updown, dropout, learn_sigma (6 output channels instead of 3). Weights are random
+    (zero-initialised residual branches and output, as the reference).
+    """
+    unknown = sorted(set(config) - set(NETWORK_DEFAULTS))
+    if unknown:
+        raise ValueError(f"consistency model config: unknown network key(s) {unknown}; valid keys are {sorted(NETWORK_DEFAULTS)}")
+    cfg = {**NETWORK_DEFAULTS, **config}
+    image_size = int(cfg["image_size"])
+    channel_mult = parse_channel_mult(cfg["channel_mult"], image_size)
+    model_channels = int(cfg["num_channels"])
+    bad = [m for m in channel_mult if int(m * model_channels) <= 0 or int(m * model_channels) % GROUPS]
+    if bad:
+        raise ValueError(
+            f"consistency model config: num_channels={model_channels} × channel_mult {bad} is not a positive "
+            f"multiple of {GROUPS} (GroupNorm groups); change num_channels or channel_mult"
+        )
+    return ConsistencyUNet(
+        in_channels=3,
+        model_channels=model_channels,
+        out_channels=6 if cfg["learn_sigma"] else 3,
+        num_res_blocks=int(cfg["num_res_blocks"]),
+        attention_ds=parse_attention_resolutions(cfg["attention_resolutions"], image_size),
+        dropout=float(cfg["dropout"]),
+        channel_mult=channel_mult,
+        num_classes=NUM_CLASSES if cfg["class_cond"] else None,
+        num_heads=int(cfg["num_heads"]),
+        num_head_channels=int(cfg["num_head_channels"]),
+        num_heads_upsample=int(cfg["num_heads_upsample"]),
+        use_scale_shift_norm=bool(cfg["use_scale_shift_norm"]),
+        resblock_updown=bool(cfg["resblock_updown"]),
+    )
