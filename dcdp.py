@@ -195,7 +195,7 @@ def run(args) -> int:
     dist = Distributed(device)
 
     root = out.run_dir_name(args.save_dir, task.operator_name, dataset_name, task.sigma, settings, pur.full_ddim,
-                            pur.ddim_num_iterations)
+                            pur.ddim_num_iterations, suffix=prior_info.get("run_suffix", ""))
     identity = {
         "task": {"operator": task.operator, "noise": task.noise},
         "purification": {k: v for k, v in pur.raw.items() if k not in ("save_every_main", "save_every_sub")},

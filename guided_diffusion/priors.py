@@ -98,9 +98,10 @@ def build_prior(model_config: dict, *, full_ddim: bool, ddim_num_iterations: int
 
         prior = LatentPrior(cfg, device, data_consistency_type=purification.get("data_consistency_type", "pixel"),
                             full_ddim=full_ddim, ddim_num_iterations=ddim_num_iterations)
-        return prior, {"kind": kind, "model_path": cfg.get("model_path")}
+        return prior, {"kind": kind, "model_path": cfg.get("model_path"), "run_suffix": f"latent_{prior.space}"}
     from consistency_models import ConsistencyPurifier
 
     cm_options = {k: v for k, v in purification.items() if k.startswith("cm_")}
     prior = ConsistencyPurifier(cfg, device, **cm_options)
-    return prior, {"kind": kind, "model_path": cfg.get("model_path")}
+    suffix = "cm_" + "_".join(f"{v}" for k, v in sorted(cm_options.items())) if cm_options else "cm"
+    return prior, {"kind": kind, "model_path": cfg.get("model_path"), "run_suffix": suffix}

@@ -137,3 +137,23 @@ def test_official_yaml_with_python_tuple_loads(tmp_path):
                  "others:\n  img_size: !!python/tuple [1,3,256,256]\n")
     cfg = load_purification_config(p)
     assert cfg.image_size == 256 and cfg.settings().timesteps()[0] == 400
+
+
+@pytest.mark.parametrize("kind,dc_type", [("latent", "pixel"), ("latent", "latent"), ("consistency", None)])
+def test_end_to_end_latent_and_consistency_priors(setup, kind, dc_type):
+    from tests.test_consistency import TINY as TINY_CM
+    from tests.test_latent import TINY as TINY_LDM
+
+    setup["model"].write_text(yaml.safe_dump(TINY_LDM if kind == "latent" else TINY_CM))
+    pur = yaml.safe_load(setup["pur"].read_text())
+    if dc_type:
+        pur["data_consistency_type"] = dc_type
+    else:
+        pur["cm_multistep"] = 1
+    setup["pur"].write_text(yaml.safe_dump(pur))
+    assert dcdp.main(args(setup)) == 0
+    root = run_dir(setup)
+    assert sorted(f.name for f in (root / "recon").iterdir()) == ["00000.png", "00001.png"]
+    rows = list(csv.DictReader(open(root / "metrics.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and float(rows[1]["psnr"]) > 0
+    assert int(rows[0]["nfe"]) > 0 and (root / "figures" / "00001_metrics.png").is_file()

@@ -26,13 +26,15 @@ SUBDIRS = ("input", "recon", "label", "measurements", "states", "metrics", "figu
 
 
 def run_dir_name(save_dir: str, operator_name: str, dataset_name: str, sigma: float, s, full_ddim: bool,
-                 ddim_num_iterations: int) -> Path:
+                 ddim_num_iterations: int, suffix: str = "") -> Path:
     """The official layout: {save_dir}/{op}/{dataset}/noise_std_{σ}/{T_init}_{T_end}_{K}_{τ}_{schedule}_{lr}_
     {momentum}_{full_ddim}_{n}_{λ}."""
     sigma_str = f"{sigma:g}"
     lr = int(s.lr) if float(s.lr).is_integer() else s.lr
     leaf = (f"{s.T_init}_{s.T_end}_{s.K}_{s.tau}_{s.schedule}_{lr}_{s.momentum}_{full_ddim}_"
             f"{ddim_num_iterations}_{s.weight_decay_lambda:g}")
+    if suffix:
+        leaf += f"_{suffix}"
     if not s.purify:
         leaf += "_no_purification"
     return Path(save_dir) / operator_name / dataset_name / f"noise_std_{sigma_str}" / leaf
