@@ -1,0 +1,216 @@
+"""Time the DCDP solver per task on the device at hand.
+
+    python scripts/benchmark.py --random_weights                       # every pixel task, batch 1 and 8
+    python scripts/benchmark.py --random_weights --tasks super_resolution --batch_sizes 1 8 32
+
+For each task config it restores a few images (synthetic, seeded) after a warm-up and reports the
+median seconds per image, UNet evaluations, data-consistency steps, peak memory, precision and
+compile settings, as a table and as JSON (--json). Three paths are compared:
+
+  official   the official code's structure: batch 1, fp32 (fp16 autocast on CUDA, as dcdp.py), autograd
+             through the operator, blur as a reflect-padded depthwise Conv2d, attention as an explicit
+             softmax
+  reference  our default path: batch 1, same arithmetic, FFT blur, SDPA attention
+  fast       our fast path: batched, exact Aᵀ gradient for linear operators, channels-last, and on CUDA
+             bf16 autocast + torch.compile
+
+On the CPU it uses a small model config (the demo UNet's architecture) so that it finishes in
+minutes; on CUDA the real architecture of --model_config (random weights need --random_weights).
+`--max_rounds R` caps K at R outer iterations and scales the time up to the full K (for phase retrieval
+and nonlinear deblurring, whose K = 200).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from guided_diffusion import unet as unet_module  # noqa: E402
+from guided_diffusion.config import load_model_config, load_purification_config, load_task_config  # noqa: E402
+from guided_diffusion.measurements import get_operator  # noqa: E402
+from guided_diffusion.priors import build_prior  # noqa: E402
+from guided_diffusion.solver import run_dcdp  # noqa: E402
+
+TASKS = {
+    "super_resolution": ("super_resolution_config.yaml", "purification_config_super_resolution.yaml"),
+    "inpainting": ("inpainting_config.yaml", "purification_config_inpainting.yaml"),
+    "gaussian_deblur": ("gaussian_deblur_config.yaml", "purification_config_gaussian_deblur.yaml"),
+    "motion_deblur": ("motion_deblur_config.yaml", "purification_config_motion_deblur.yaml"),
+    "phase_retrieval": ("phase_retrieval_config.yaml", "purification_config_phase_retrieval.yaml"),
+    "denoising": ("denoising_config.yaml", "purification_config_denoising.yaml"),
+    "nonlinear_deblur": ("nonlinear_deblur_config.yaml", "purification_config_nonlinear_deblur.yaml"),
+}
+CPU_MODEL = {  # the demo UNet's architecture, random weights
+    "image_size": 64, "num_channels": 64, "num_res_blocks": 2, "channel_mult": "1,2,2,2", "learn_sigma": False,
+    "class_cond": False, "use_checkpoint": False, "attention_resolutions": "16", "num_heads": 4,
+    "num_head_channels": 32, "num_heads_upsample": -1, "use_scale_shift_norm": True, "dropout": 0.0,
+    "resblock_updown": True, "use_fp16": False, "use_new_attention_order": False, "model_path": None,
+}
+
+
+class ConvBlur:
+    """The official blur: ReflectionPad2d(k//2) + depthwise Conv2d, differentiated by autograd."""
+
+    is_linear = False  # forces the autograd data-consistency path, as the official code
+
+    def __init__(self, kernel: torch.Tensor):
+        self.weight = kernel.float().expand(3, 1, *kernel.shape).contiguous()
+
+    def forward(self, x, **state):
+        pad = self.weight.shape[-1] // 2
+        return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), self.weight.to(x.device, x.dtype), groups=3)
+
+
+class Autograd:
+    """An operator seen through autograd only (no exact transpose), as the official solver sees it."""
+
+    is_linear = False
+
+    def __init__(self, op):
+        self.op = op
+
+    def forward(self, x, **state):
+        return self.op.forward(x, **state)
+
+
+def explicit_attention(q, k, v):
+    """The reference's attention: explicit float32 softmax of q·kᵀ/sqrt(d)."""
+    scale = q.shape[-1] ** -0.5
+    w = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32).to(q.dtype)
+    return w @ v
+
+
+@contextlib.contextmanager
+def official_attention(enabled: bool):
+    saved = unet_module.attention
+    if enabled:
+        unet_module.attention = explicit_attention
+    try:
+        yield
+    finally:
+        unet_module.attention = saved
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(task: str, path: str, batch: int, args, device) -> dict:
+    task_file, pur_file = TASKS[task]
+    tcfg = load_task_config(ROOT / "task_configurations" / task_file)
+    pcfg = load_purification_config(ROOT / "purification_configurations" / pur_file)
+    settings = pcfg.settings()
+    K_full = settings.K
+    if args.max_rounds and settings.K > args.max_rounds:
+        settings.K = args.max_rounds
+        settings.T_end = max(settings.T_end, settings.T_init - (settings.T_init - settings.T_end) * settings.K // K_full)
+    size = args.image_size
+    params = {k: v for k, v in tcfg.operator.items() if k != "name"}
+    if tcfg.operator_name == "nonlinear_blur" and args.random_weights:
+        params["random_weights"] = True
+    op = get_operator(tcfg.operator_name, device=device, **params)
+    if path == "official":
+        kernel = op.saved_state().get("kernel") if hasattr(op, "saved_state") else None
+        op = ConvBlur(kernel) if kernel is not None and kernel.dim() == 2 else Autograd(op)
+    settings.exact_transpose = path == "fast"
+    model_cfg = load_model_config(args.model_config) if args.model_config else dict(CPU_MODEL)
+    if args.random_weights:
+        model_cfg["model_path"] = None
+    fast_cuda = path == "fast" and device.type == "cuda"
+    precision = args.precision or ("bf16" if fast_cuda else "auto")
+    prior, _ = build_prior(model_cfg, full_ddim=pcfg.full_ddim, ddim_num_iterations=pcfg.ddim_num_iterations,
+                           device=device, precision=precision, compile_model=fast_cuda and not args.no_compile,
+                           channels_last=path == "fast")
+    times = []
+    n_runs = args.images + 1  # the first is a warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with official_attention(path == "official"):
+        for r in range(n_runs):
+            gens = [torch.Generator().manual_seed(1000 * r + b) for b in range(batch)]
+            gt = torch.stack([torch.rand(3, size, size, generator=g) * 2 - 1 for g in gens]).to(device)
+            states = [op.op.draw_state(g, gt.shape[1:]) if isinstance(op, Autograd) else
+                      (op.draw_state(g, gt.shape[1:]) if hasattr(op, "draw_state") else {}) for g in gens]
+            state = {k: torch.cat([s[k] for s in states]).to(device) for k in states[0]} if states[0] else {}
+            with torch.no_grad():
+                y = op.forward(gt, **state)
+            sync(device)
+            t0 = time.perf_counter()
+            run_dcdp(y, op, prior, settings, gens, prior.init(gt.shape, gens), operator_state=state,
+                              check_finite=path != "fast")
+            sync(device)
+            if r > 0:
+                times.append((time.perf_counter() - t0) / batch * K_full / settings.K)
+    full = pcfg.settings()
+    return {
+        "task": task, "path": path, "batch": batch, "seconds_per_image": statistics.median(times),
+        "nfe": sum(prior.nfe(T) for T in full.timesteps()), "dc_steps": full.K * full.tau,
+        "rounds_timed": settings.K, "rounds_full": K_full, "image_size": size,
+        "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "precision": precision, "compiled": fast_cuda and not args.no_compile, "device": str(device),
+        "model": str(args.model_config or "demo UNet architecture (CPU default)"),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'task':18} {'path':9} {'batch':>5} {'s/img':>9} {'NFE':>6} {'DC':>6} {'peak MB':>8} {'prec':>5} {'comp':>5}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
+        lines.append(f"{r['task']:18} {r['path']:9} {r['batch']:>5} {r['seconds_per_image']:>9.3f} {r['nfe']:>6} "
+                     f"{r['dc_steps']:>6} {mem:>8} {r['precision']:>5} {str(r['compiled']):>5}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["super_resolution", "inpainting", "gaussian_deblur", "motion_deblur",
+                                                   "phase_retrieval"], choices=sorted(TASKS))
+    p.add_argument("--paths", nargs="+", default=["official", "reference", "fast"], choices=("official", "reference", "fast"))
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--images", type=int, default=3, help="timed runs after one warm-up (median is reported)")
+    p.add_argument("--image_size", type=int, default=None, help="default: 256 on CUDA, 64 on the CPU")
+    p.add_argument("--max_rounds", type=int, default=None, help="cap K and scale the time to the full K")
+    p.add_argument("--model_config", default=None,
+                   help="network architecture (default: model_config_ffhq.yaml on CUDA, the demo UNet on the CPU)")
+    p.add_argument("--random_weights", action="store_true", help="allow random weights (timing only)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    args = p.parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.model_config is None and device.type == "cuda":
+        args.model_config = str(ROOT / "model_configurations" / "model_config_ffhq.yaml")
+    if args.image_size is None:
+        args.image_size = 256 if device.type == "cuda" else 64
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    rows = []
+    for task in args.tasks:
+        for path in args.paths:
+            for batch in (args.batch_sizes if path == "fast" else [1]):
+                row = bench_one(task, path, batch, args, device)
+                rows.append(row)
+                print(f"{task} {path} b{batch}: {row['seconds_per_image']:.3f} s/img", file=sys.stderr, flush=True)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The benchmark command runs on the CPU (tiny setting), and the fast path keeps the results."""
+import json
+
+import numpy as np
+import torch
+import yaml
+
+from guided_diffusion.measurements import get_operator
+from guided_diffusion.priors import PixelPrior
+from guided_diffusion.solver import DCDPSettings, run_dcdp
+from guided_diffusion.unet import create_model
+from scripts import benchmark
+from tests.test_driver import TINY_UNET
+from util.metrics import psnr
+
+
+def test_benchmark_command_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(TINY_UNET))
+    assert benchmark.main(["--tasks", "gaussian_deblur", "--batch_sizes", "2", "--images", "1", "--image_size", "32",
+                           "--max_rounds", "2", "--random_weights", "--device", "cpu", "--json", str(out),
+                           "--model_config", str(model)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["path"] for r in rows] == ["official", "reference", "fast"]
+    assert all(r["seconds_per_image"] > 0 and r["nfe"] == 182 and r["dc_steps"] == 1000 for r in rows)
+    assert "gaussian_deblur" in capsys.readouterr().out
+
+
+def test_fast_path_matches_reference_path_within_0_05_db():
+    """Fast path (batched, exact Aᵀ gradient, channels-last) against the reference (batch 1, autograd)."""
+    torch.manual_seed(0)
+    model = create_model(**TINY_UNET)
+    with torch.no_grad():  # a fresh ADM UNet outputs zeros: give every layer weights
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    op = get_operator("super_resolution", in_shape=[1, 3, 32, 32], scale_factor=4)
+    gt = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = op.forward(gt)
+    seeds = [0, 1, 2, 3]
+    settings = dict(K=4, tau=20, lr=1000.0, T_init=100, T_end=0)
+
+    ref = []
+    prior = PixelPrior(model, ddim_num_iterations=5, precision="fp32")
+    for b in range(4):
+        r = run_dcdp(y[b:b + 1], op, prior, DCDPSettings(**settings), [torch.Generator().manual_seed(seeds[b])],
+                     torch.zeros(1, 3, 32, 32))
+        ref.append(r.x)
+    ref = torch.cat(ref)
+    fast_prior = PixelPrior(model.to(memory_format=torch.channels_last), ddim_num_iterations=5, precision="fp32")
+    fast = run_dcdp(y, op, fast_prior, DCDPSettings(**settings, exact_transpose=True),
+                    [torch.Generator().manual_seed(s) for s in seeds], torch.zeros(4, 3, 32, 32), check_finite=False).x
+    gap = abs(np.mean(psnr(gt, fast)) - np.mean(psnr(gt, ref)))
+    assert gap < 0.05, gap
