@@ -157,3 +157,28 @@ def test_end_to_end_latent_and_consistency_priors(setup, kind, dc_type):
     rows = list(csv.DictReader(open(root / "metrics.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"] and float(rows[1]["psnr"]) > 0
     assert int(rows[0]["nfe"]) > 0 and (root / "figures" / "00001_metrics.png").is_file()
+
+
+def test_end_to_end_nonlinear_deblur_with_reduced_random_network(setup):
+    """One 256x256 image through the KernelWizard operator (reduced, random weights)."""
+    import torch
+
+    for f in setup["data"].iterdir():
+        f.unlink()
+    write_images(setup["data"], 1, size=256)
+    task = {"measurement": {"operator": {"name": "nonlinear_blur",
+                                         "opt_yml_path": "./bkse/options/generate_blur/random_small.yml"},
+                            "noise": {"name": "gaussian", "sigma": 0.05}}}
+    setup["task"].write_text(yaml.safe_dump(task))
+    pur = yaml.safe_load(setup["pur"].read_text())
+    pur["others"] = {"img_size": [1, 3, 256, 256]}
+    pur["total_num_iterations"], pur["csgm_num_iterations"], pur["lr"] = 2, 3, 300
+    setup["pur"].write_text(yaml.safe_dump(pur))
+    assert dcdp.main(args(setup)) == 0
+    root = run_dir(setup)
+    for sub in ("input", "recon", "label"):
+        assert (root / sub / "00000.png").is_file()
+    kernel = torch.load(root / "states" / "00000.pt")["kernel"]
+    assert kernel.shape == (1, 128, 2, 2)  # 8·nf channels for the reduced nf = 16 network
+    g = torch.Generator().manual_seed(0)  # image 0, seed 0: the kernel is 1.2·N(0, I) from the image's generator
+    torch.testing.assert_close(kernel, 1.2 * torch.randn(1, 128, 2, 2, generator=g))
