@@ -59,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                    help="network precision; auto = fp16 autocast on CUDA (official), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="torch.compile with mode reduce-overhead (CUDA graphs for the fixed-shape network calls)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format for the network")
     p.add_argument("--exact_transpose", action="store_true",
                    help="linear operators: use the exact gradient (2/N)·Aᵀ(Ax−y) instead of autograd")
@@ -186,7 +188,8 @@ def run(args) -> int:
         log.warning(f"warning: operator '{task.operator_name}' uses RANDOM network weights")
     prior, prior_info = build_prior(
         model_cfg, full_ddim=pur.full_ddim, ddim_num_iterations=pur.ddim_num_iterations, device=device,
-        precision=args.precision, compile_model=args.compile, channels_last=args.channels_last,
+        precision=args.precision, compile_model="reduce-overhead" if args.cuda_graphs else args.compile,
+        channels_last=args.channels_last,
         purification=pur.prior_options(),
     )
     files = list_images(resolve_path(data_root), dataset_name)

@@ -70,7 +70,7 @@ class PixelPrior:
 
 
 def build_prior(model_config: dict, *, full_ddim: bool, ddim_num_iterations: int, device: torch.device,
-                precision: str = "auto", compile_model: bool = False, channels_last: bool = False,
+                precision: str = "auto", compile_model: bool | str = False, channels_last: bool = False,
                 purification: Optional[dict] = None):
     """Build the prior a model config describes (`kind`: pixel (default), latent, consistency).
 
@@ -88,8 +88,8 @@ def build_prior(model_config: dict, *, full_ddim: bool, ddim_num_iterations: int
         model.eval().requires_grad_(False)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if compile_model:
-            model = torch.compile(model)
+        if compile_model:  # True, or a torch.compile mode ("reduce-overhead" captures CUDA graphs)
+            model = torch.compile(model, mode=None if compile_model is True else compile_model)
         prior = PixelPrior(model, full_ddim=full_ddim, ddim_num_iterations=ddim_num_iterations,
                            precision=precision, device=device)
         return prior, {"kind": kind, "model_path": cfg.get("model_path")}

@@ -41,20 +41,36 @@ from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
 from guided_diffusion.solver import run_dcdp  # noqa: E402
 
-TASKS = {
-    "super_resolution": ("super_resolution_config.yaml", "purification_config_super_resolution.yaml"),
-    "inpainting": ("inpainting_config.yaml", "purification_config_inpainting.yaml"),
-    "gaussian_deblur": ("gaussian_deblur_config.yaml", "purification_config_gaussian_deblur.yaml"),
-    "motion_deblur": ("motion_deblur_config.yaml", "purification_config_motion_deblur.yaml"),
-    "phase_retrieval": ("phase_retrieval_config.yaml", "purification_config_phase_retrieval.yaml"),
-    "denoising": ("denoising_config.yaml", "purification_config_denoising.yaml"),
-    "nonlinear_deblur": ("nonlinear_deblur_config.yaml", "purification_config_nonlinear_deblur.yaml"),
-}
 CPU_MODEL = {  # the demo UNet's architecture, random weights
-    "image_size": 64, "num_channels": 64, "num_res_blocks": 2, "channel_mult": "1,2,2,2", "learn_sigma": False,
-    "class_cond": False, "use_checkpoint": False, "attention_resolutions": "16", "num_heads": 4,
-    "num_head_channels": 32, "num_heads_upsample": -1, "use_scale_shift_norm": True, "dropout": 0.0,
+    "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,4", "learn_sigma": False,
+    "class_cond": False, "use_checkpoint": False, "attention_resolutions": "8", "num_heads": 4,
+    "num_head_channels": 64, "num_heads_upsample": -1, "use_scale_shift_norm": True, "dropout": 0.0,
     "resblock_updown": True, "use_fp16": False, "use_new_attention_order": False, "model_path": None,
+}
+CPU_LATENT = {  # a small VQ-f4 LDM of the ffhq-ldm-vq-4 layout
+    "kind": "latent", "model_path": None, "use_ema": True,
+    "unet": {"image_size": 16, "model_channels": 64, "attention_resolutions": [2], "num_res_blocks": 2,
+             "channel_mult": [1, 2, 2], "num_heads": -1, "num_head_channels": 32},
+    "first_stage": {"n_embed": 256, "resolution": 64, "ch": 32, "ch_mult": [1, 2, 4], "num_res_blocks": 1},
+}
+CPU_CM = {  # a small consistency-model UNet of the cd_bedroom256 layout
+    "kind": "consistency", "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,4",
+    "attention_resolutions": "8", "num_head_channels": 32, "resblock_updown": True, "use_scale_shift_norm": False,
+    "model_path": None,
+}
+# name: (task config, purification config, model config on CUDA or None for --model_config, CPU model)
+TASKS = {
+    "super_resolution": ("super_resolution_config.yaml", "purification_config_super_resolution.yaml", None, CPU_MODEL),
+    "inpainting": ("inpainting_config.yaml", "purification_config_inpainting.yaml", None, CPU_MODEL),
+    "gaussian_deblur": ("gaussian_deblur_config.yaml", "purification_config_gaussian_deblur.yaml", None, CPU_MODEL),
+    "motion_deblur": ("motion_deblur_config.yaml", "purification_config_motion_deblur.yaml", None, CPU_MODEL),
+    "phase_retrieval": ("phase_retrieval_config.yaml", "purification_config_phase_retrieval.yaml", None, CPU_MODEL),
+    "denoising": ("denoising_config.yaml", "purification_config_denoising.yaml", None, CPU_MODEL),
+    "nonlinear_deblur": ("nonlinear_deblur_config.yaml", "purification_config_nonlinear_deblur.yaml", None, CPU_MODEL),
+    "ldm_super_resolution": ("super_resolution_config.yaml", "purification_config_ldm_super_resolution.yaml",
+                             "model_config_ldm_ffhq.yaml", CPU_LATENT),
+    "cm_super_resolution": ("super_resolution_config.yaml", "purification_config_cm_bedroom_super_resolution.yaml",
+                            "model_config_cm_bedroom.yaml", CPU_CM),
 }
 
 
@@ -107,7 +123,7 @@ def sync(device):
 
 
 def bench_one(task: str, path: str, batch: int, args, device) -> dict:
-    task_file, pur_file = TASKS[task]
+    task_file, pur_file, task_model, cpu_model = TASKS[task]
     tcfg = load_task_config(ROOT / "task_configurations" / task_file)
     pcfg = load_purification_config(ROOT / "purification_configurations" / pur_file)
     settings = pcfg.settings()
@@ -124,14 +140,20 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
         kernel = op.saved_state().get("kernel") if hasattr(op, "saved_state") else None
         op = ConvBlur(kernel) if kernel is not None and kernel.dim() == 2 else Autograd(op)
     settings.exact_transpose = path == "fast"
-    model_cfg = load_model_config(args.model_config) if args.model_config else dict(CPU_MODEL)
+    if task_model and device.type == "cuda":
+        model_cfg = load_model_config(ROOT / "model_configurations" / task_model)
+    elif args.model_config and not task_model:
+        model_cfg = load_model_config(args.model_config)
+    else:
+        model_cfg = dict(cpu_model)
     if args.random_weights:
         model_cfg["model_path"] = None
     fast_cuda = path == "fast" and device.type == "cuda"
     precision = args.precision or ("bf16" if fast_cuda else "auto")
     prior, _ = build_prior(model_cfg, full_ddim=pcfg.full_ddim, ddim_num_iterations=pcfg.ddim_num_iterations,
-                           device=device, precision=precision, compile_model=fast_cuda and not args.no_compile,
-                           channels_last=path == "fast")
+                           device=device, precision=precision,
+                           compile_model=(args.compile_mode if fast_cuda and not args.no_compile else False),
+                           channels_last=path == "fast", purification=pcfg.prior_options())
     times = []
     n_runs = args.images + 1  # the first is a warm-up
     if device.type == "cuda":
@@ -147,7 +169,7 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
                 y = op.forward(gt, **state)
             sync(device)
             t0 = time.perf_counter()
-            run_dcdp(y, op, prior, settings, gens, prior.init(gt.shape, gens), operator_state=state,
+            run_dcdp(y, op, prior, settings, gens, prior.init(gt.shape, gens), operator_state=state, to_image=prior.to_image,
                               check_finite=path != "fast")
             sync(device)
             if r > 0:
@@ -164,11 +186,11 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'task':18} {'path':9} {'batch':>5} {'s/img':>9} {'NFE':>6} {'DC':>6} {'peak MB':>8} {'prec':>5} {'comp':>5}"
+    head = f"{'task':22} {'path':9} {'batch':>5} {'s/img':>9} {'NFE':>6} {'DC':>6} {'peak MB':>8} {'prec':>5} {'comp':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        lines.append(f"{r['task']:18} {r['path']:9} {r['batch']:>5} {r['seconds_per_image']:>9.3f} {r['nfe']:>6} "
+        lines.append(f"{r['task']:22} {r['path']:9} {r['batch']:>5} {r['seconds_per_image']:>9.3f} {r['nfe']:>6} "
                      f"{r['dc_steps']:>6} {mem:>8} {r['precision']:>5} {str(r['compiled']):>5}")
     return "\n".join(lines)
 
@@ -187,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--random_weights", action="store_true", help="allow random weights (timing only)")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--no_compile", action="store_true")
+    p.add_argument("--compile_mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode of the fast path on CUDA (reduce-overhead adds CUDA graphs)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     args = p.parse_args(argv)
