@@ -26,20 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guided_diffusion.unet import (
+from guided_diffusion.unet import (  # noqa: F401  (NUM_CLASSES is re-exported for the loader)
+    NUM_CLASSES,
     Downsample,
     ResBlock,
     TimestepEmbedSequential,
     Upsample,
+    architecture_kwargs,
     normalization,
-    parse_attention_resolutions,
-    parse_channel_mult,
     timestep_embedding,
     zero_module,
 )
 
-NUM_CLASSES = 1000  # ImageNet; labels are ints in [0, 999], no null class
-GROUPS = 32
 
 # cm/script_util.py model_and_diffusion_defaults(), network part.
 NETWORK_DEFAULTS = dict(
@@ -208,27 +206,4 @@ def build_network(**config) -> ConsistencyUNet:
     if unknown:
         raise ValueError(f"consistency model config: unknown network key(s) {unknown}; valid keys are {sorted(NETWORK_DEFAULTS)}")
     cfg = {**NETWORK_DEFAULTS, **config}
-    image_size = int(cfg["image_size"])
-    channel_mult = parse_channel_mult(cfg["channel_mult"], image_size)
-    model_channels = int(cfg["num_channels"])
-    bad = [m for m in channel_mult if int(m * model_channels) <= 0 or int(m * model_channels) % GROUPS]
-    if bad:
-        raise ValueError(
-            f"consistency model config: num_channels={model_channels} × channel_mult {bad} is not a positive "
-            f"multiple of {GROUPS} (GroupNorm groups); change num_channels or channel_mult"
-        )
-    return ConsistencyUNet(
-        in_channels=3,
-        model_channels=model_channels,
-        out_channels=6 if cfg["learn_sigma"] else 3,
-        num_res_blocks=int(cfg["num_res_blocks"]),
-        attention_ds=parse_attention_resolutions(cfg["attention_resolutions"], image_size),
-        dropout=float(cfg["dropout"]),
-        channel_mult=channel_mult,
-        num_classes=NUM_CLASSES if cfg["class_cond"] else None,
-        num_heads=int(cfg["num_heads"]),
-        num_head_channels=int(cfg["num_head_channels"]),
-        num_heads_upsample=int(cfg["num_heads_upsample"]),
-        use_scale_shift_norm=bool(cfg["use_scale_shift_norm"]),
-        resblock_updown=bool(cfg["resblock_updown"]),
-    )
+    return ConsistencyUNet(**architecture_kwargs(cfg, "consistency model config"))

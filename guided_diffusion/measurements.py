@@ -24,26 +24,22 @@ __OPERATORS__: dict[str, type] = {}
 __NOISES__: dict[str, type] = {}
 
 
-def register_operator(name: str) -> Callable[[type], type]:
-    def wrapper(cls: type) -> type:
-        if name in __OPERATORS__:
-            raise NameError(f"operator '{name}' is already registered")
-        cls.name = name
-        __OPERATORS__[name] = cls
-        return cls
+def _registrar(registry: dict[str, type], kind: str) -> Callable[[str], Callable[[type], type]]:
+    def register(name: str) -> Callable[[type], type]:
+        def wrapper(cls: type) -> type:
+            if name in registry:
+                raise NameError(f"{kind} '{name}' is already registered")
+            cls.name = name
+            registry[name] = cls
+            return cls
 
-    return wrapper
+        return wrapper
+
+    return register
 
 
-def register_noise(name: str) -> Callable[[type], type]:
-    def wrapper(cls: type) -> type:
-        if name in __NOISES__:
-            raise NameError(f"noise '{name}' is already registered")
-        cls.name = name
-        __NOISES__[name] = cls
-        return cls
-
-    return wrapper
+register_operator = _registrar(__OPERATORS__, "operator")
+register_noise = _registrar(__NOISES__, "noise")
 
 
 def _build(registry: dict[str, type], kind: str, name: str, params: dict):

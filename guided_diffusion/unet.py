@@ -402,30 +402,11 @@ def create_model(**model_config) -> nn.Module:
             f"model config: unknown key(s) {unknown}; valid keys are {sorted(MODEL_CONFIG_DEFAULTS)}"
         )
     cfg = {**MODEL_CONFIG_DEFAULTS, **model_config}
-    image_size = int(cfg["image_size"])
-    channel_mult = parse_channel_mult(cfg["channel_mult"], image_size)
-    model_channels = int(cfg["num_channels"])
-    bad = [m for m in channel_mult if int(m * model_channels) % GROUPS or int(m * model_channels) <= 0]
-    if bad:
-        raise ValueError(
-            f"model config: num_channels={model_channels} × channel_mult {bad} is not a positive multiple of "
-            f"{GROUPS} (GroupNorm groups); change num_channels or channel_mult"
-        )
+    arch = architecture_kwargs(cfg, "model config")
     model = UNetModel(
-        in_channels=3,
-        model_channels=model_channels,
-        out_channels=6 if cfg["learn_sigma"] else 3,
-        num_res_blocks=int(cfg["num_res_blocks"]),
-        attention_resolutions=parse_attention_resolutions(cfg["attention_resolutions"], image_size),
-        dropout=float(cfg["dropout"]),
-        channel_mult=channel_mult,
-        num_classes=NUM_CLASSES if cfg["class_cond"] else None,
+        attention_resolutions=arch.pop("attention_ds"),
         use_checkpoint=bool(cfg["use_checkpoint"]),
-        num_heads=int(cfg["num_heads"]),
-        num_head_channels=int(cfg["num_head_channels"]),
-        num_heads_upsample=int(cfg["num_heads_upsample"]),
-        use_scale_shift_norm=bool(cfg["use_scale_shift_norm"]),
-        resblock_updown=bool(cfg["resblock_updown"]),
+        **arch,
         use_new_attention_order=bool(cfg["use_new_attention_order"]),
         use_fp16=bool(cfg["use_fp16"]),
     )
@@ -440,6 +421,37 @@ def create_model(**model_config) -> nn.Module:
         )
     return model.eval()
 
+
+
+def architecture_kwargs(cfg: dict, where: str) -> dict:
+    """The ADM constructor arguments a model config implies, checked (shared with the consistency models).
+
+    `attention_ds` holds the downsampling factors at which attention sits.
+    """
+    image_size = int(cfg["image_size"])
+    channel_mult = parse_channel_mult(cfg["channel_mult"], image_size)
+    model_channels = int(cfg["num_channels"])
+    bad = [m for m in channel_mult if int(m * model_channels) % GROUPS or int(m * model_channels) <= 0]
+    if bad:
+        raise ValueError(
+            f"{where}: num_channels={model_channels} × channel_mult {bad} is not a positive multiple of "
+            f"{GROUPS} (GroupNorm groups); change num_channels or channel_mult"
+        )
+    return dict(
+        in_channels=3,
+        model_channels=model_channels,
+        out_channels=6 if cfg["learn_sigma"] else 3,
+        num_res_blocks=int(cfg["num_res_blocks"]),
+        attention_ds=parse_attention_resolutions(cfg["attention_resolutions"], image_size),
+        dropout=float(cfg["dropout"]),
+        channel_mult=channel_mult,
+        num_classes=NUM_CLASSES if cfg["class_cond"] else None,
+        num_heads=int(cfg["num_heads"]),
+        num_head_channels=int(cfg["num_head_channels"]),
+        num_heads_upsample=int(cfg["num_heads_upsample"]),
+        use_scale_shift_norm=bool(cfg["use_scale_shift_norm"]),
+        resblock_updown=bool(cfg["resblock_updown"]),
+    )
 
 def parse_channel_mult(channel_mult: str | Sequence[float], image_size: int) -> tuple[float, ...]:
     """"" → the default for `image_size`; "1,2,2" or [1, 2, 2] → (1, 2, 2)."""
