@@ -207,19 +207,17 @@ def run(args) -> int:
     }
     identity = json.loads(json.dumps(identity, default=str))
     config_file = root / "run_config.json"
+    if args.resume and config_file.is_file():  # every rank checks, so none waits for a rank that refused
+        previous = json.loads(config_file.read_text())
+        if previous != identity:
+            changed = sorted(k for k in identity if previous.get(k) != identity.get(k))
+            raise ConfigError(
+                f"--resume: '{config_file}' was made with different settings ({', '.join(changed)}); "
+                f"use the same configs or another --save_dir")
+    dist.barrier()  # all ranks have read the old record before rank 0 replaces it
+    out.make_dirs(root, args.save_iterates)
     if dist.rank == 0:
-        out.make_dirs(root, args.save_iterates)
-        if args.resume and config_file.is_file():
-            previous = json.loads(config_file.read_text())
-            if previous != identity:
-                changed = sorted(k for k in identity if previous.get(k) != identity.get(k))
-                raise ConfigError(
-                    f"--resume: '{config_file}' was made with different settings ({', '.join(changed)}); "
-                    f"use the same configs or another --save_dir")
         out.atomic_write_text(config_file, json.dumps(identity, indent=1))
-    dist.barrier()
-    if dist.rank != 0:
-        out.make_dirs(root, args.save_iterates)
 
     saved_run_state = operator.saved_state()
     if saved_run_state and dist.rank == 0:
