@@ -182,3 +182,15 @@ def test_end_to_end_nonlinear_deblur_with_reduced_random_network(setup):
     assert kernel.shape == (1, 128, 2, 2)  # 8·nf channels for the reduced nf = 16 network
     g = torch.Generator().manual_seed(0)  # image 0, seed 0: the kernel is 1.2·N(0, I) from the image's generator
     torch.testing.assert_close(kernel, 1.2 * torch.randn(1, 128, 2, 2, generator=g))
+
+
+def test_default_command_runs_the_demo(tmp_path, capsys):
+    """`python dcdp.py` with no configuration: the demo task with the shipped demo prior (one image here)."""
+    assert dcdp.main(["--max_images", "1", "--save_dir", str(tmp_path), "--no_curves", "--quiet", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "outputs:" in printed and "mean PSNR" in printed
+    root = next(tmp_path.glob("super_resolution/folder/*/*"))
+    rows = list(csv.DictReader(open(root / "metrics.csv")))
+    assert rows[0]["status"] == "ok" and float(rows[0]["psnr"]) > 20  # a trained prior, not random weights
+    summary = json.loads((root / "summary.json").read_text())
+    assert len(summary["checkpoint_sha256"]) == 64
