@@ -28,13 +28,9 @@ from torch import nn
 
 from guided_diffusion.unet import (  # noqa: F401  (NUM_CLASSES is re-exported for the loader)
     NUM_CLASSES,
-    Downsample,
-    ResBlock,
-    TimestepEmbedSequential,
-    Upsample,
+    UNetModel,
     architecture_kwargs,
     normalization,
-    timestep_embedding,
     zero_module,
 )
 
@@ -88,108 +84,27 @@ class CMAttentionBlock(nn.Module):
         return x + self.proj_out(a)
 
 
-class ConsistencyUNet(nn.Module):
-    """The consistency model's network F: `net(x, c_noise, y=None)`.
+class ConsistencyUNet(UNetModel):
+    """The consistency model's network F: `net(x, c_noise, y=None)`, an ADM UNet with CM attention.
 
     x: (B, in_channels, H, W), the preconditioned input c_in·x_σ; H and W multiples of 2^(levels−1).
     c_noise: (B,) floats 250·ln σ (or a scalar). y: (B,) int64 labels in [0, 999] when class-conditional.
     Returns the raw output F, (B, out_channels, H, W) float32.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        model_channels: int,
-        out_channels: int,
-        num_res_blocks: int,
-        attention_ds: Sequence[int],
-        dropout: float = 0.0,
-        channel_mult: Sequence[float] = (1, 2, 3, 4),
-        num_classes: int | None = None,
-        num_heads: int = 1,
-        num_head_channels: int = -1,
-        num_heads_upsample: int = -1,
-        use_scale_shift_norm: bool = False,
-        resblock_updown: bool = False,
-    ):
-        super().__init__()
-        num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
-        self.model_channels = model_channels
-        self.num_classes = num_classes
-        self.downsample_factor = 2 ** (len(channel_mult) - 1)
+    def __init__(self, *, attention_ds: Sequence[int], **arch):
+        super().__init__(attention_resolutions=attention_ds, **arch)
         self.torso_dtype: torch.dtype | None = None  # e.g. torch.float16 on CUDA, as the reference's use_fp16
 
-        emb_dim = 4 * model_channels
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, emb_dim)
-
-        def res(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **updown)
-
-        ch = first_ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
-        skip_chans, ds = [ch], 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_ds:
-                    layers.append(CMAttentionBlock(ch, num_heads, num_head_channels))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                down = res(ch, ch, down=True) if resblock_updown else Downsample(ch, True, ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            res(ch, ch), CMAttentionBlock(ch, num_heads, num_head_channels), res(ch, ch)
-        )
-
-        self.output_blocks = nn.ModuleList([])
-        for level, mult in list(enumerate(channel_mult))[::-1]:
-            for i in range(num_res_blocks + 1):
-                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
-                ch = int(model_channels * mult)
-                if ds in attention_ds:
-                    layers.append(CMAttentionBlock(ch, num_heads_upsample, num_head_channels))
-                if level and i == num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, True, ch))
-                    ds //= 2
-                self.output_blocks.append(TimestepEmbedSequential(*layers))
-
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
+    def make_attention(self, channels: int, num_heads: int) -> nn.Module:
+        return CMAttentionBlock(channels, num_heads, self.num_head_channels)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, H, W); c_noise: (B,) 250·ln σ; y: (B,) labels or None → F, (B, out_channels, H, W)."""
-        if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
-            raise ValueError(
-                f"consistency model input: height and width must be multiples of {self.downsample_factor} "
-                f"(got {tuple(x.shape[-2:])}); pad or resize the image"
-            )
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError(
-                "consistency model input: pass class labels y exactly when the model is class-conditional (class_cond)"
-            )
-        c_noise = torch.as_tensor(c_noise, device=x.device)
-        if c_noise.ndim == 0:
-            c_noise = c_noise.expand(x.shape[0])
-
-        emb = self.time_embed(timestep_embedding(c_noise, self.model_channels))  # (B, 4·mc), float32
-        if y is not None:
-            emb = emb + self.label_emb(y)
-
+        emb = self.embedding(x, c_noise, y)  # (B, 4·mc), float32
         torso = torch.autocast(x.device.type, dtype=self.torso_dtype) if self.torso_dtype else nullcontext()
         with torso:
-            h, skips = x, []
-            for block in self.input_blocks:
-                h = block(h, emb)
-                skips.append(h)
-            h = self.middle_block(h, emb)
-            for block in self.output_blocks:
-                h = block(torch.cat([h, skips.pop()], dim=1), emb)  # [h, skip], h first
+            h = self.torso(x, emb)
         return self.out(h.float())
 
 

@@ -307,8 +307,9 @@ class UNetModel(nn.Module):
         def res(ch_in: int, ch_out: int, **updown: bool) -> ResBlock:
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **updown)
 
-        def attn(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, heads, num_head_channels, legacy_order=not use_new_attention_order)
+        self.num_head_channels = num_head_channels
+        self.legacy_attention = not use_new_attention_order
+        attn = self.make_attention
 
         ch = int(channel_mult[0] * model_channels)
         first_ch = ch
@@ -345,13 +346,17 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(first_ch, out_channels, 3, padding=1)))
 
+    def make_attention(self, channels: int, num_heads: int) -> nn.Module:
+        """The attention block of this network family (subclasses swap in their own layout)."""
+        return AttentionBlock(channels, num_heads, self.num_head_channels, legacy_order=self.legacy_attention)
+
     def _block(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and torch.is_grad_enabled():
             return checkpoint(block, h, emb, use_reentrant=False)
         return block(h, emb)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) in [-1, 1]; timesteps: (B,) steps 0..999 → (B, out_channels, H, W)."""
+    def embedding(self, x: torch.Tensor, noise_level: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Check the input and return the (B, 4·mc) embedding of the noise level (and class label)."""
         if x.shape[-1] % self.downsample_factor or x.shape[-2] % self.downsample_factor:
             raise ValueError(
                 f"UNet input: height and width must be multiples of {self.downsample_factor} for this model "
@@ -359,23 +364,27 @@ class UNetModel(nn.Module):
             )
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("UNet input: pass class labels y exactly when the model is class-conditional (class_cond)")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        noise_level = torch.as_tensor(noise_level, device=x.device)
+        if noise_level.ndim == 0:
+            noise_level = noise_level.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(noise_level, self.model_channels))
+        return emb + self.label_emb(y) if y is not None else emb
 
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))  # (B, 4·mc)
-        if y is not None:
-            emb = emb + self.label_emb(y)
-
-        h = x.to(self.out[2].weight.dtype)
+    def torso(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """Input blocks, middle block and output blocks (skips concatenated as [h, skip], h first)."""
         skips = []
         for block in self.input_blocks:
             h = self._block(block, h, emb)
             skips.append(h)
         h = self._block(self.middle_block, h, emb)
         for block in self.output_blocks:
-            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)  # [h, skip], h first
-        return self.out(h)
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
+        return h
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, H, W) in [-1, 1]; timesteps: (B,) steps 0..999 → (B, out_channels, H, W)."""
+        emb = self.embedding(x, timesteps, y)  # (B, 4·mc)
+        return self.out(self.torso(x.to(self.out[2].weight.dtype), emb))
 
 
 # --------------------------------------------------------------------------------------------------
