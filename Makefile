@@ -24,7 +24,7 @@ eval-demo: install
 	$(PY) scripts/eval_demo.py
 
 bench: install
-	$(PY) scripts/benchmark.py --random_weights
+	$(PY) scripts/benchmark.py --random_weights --max_rounds 20
 
 check-models: install
 	$(PY) dcdp.py --check_models

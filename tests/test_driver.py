@@ -194,3 +194,12 @@ def test_default_command_runs_the_demo(tmp_path, capsys):
     assert rows[0]["status"] == "ok" and float(rows[0]["psnr"]) > 20  # a trained prior, not random weights
     summary = json.loads((root / "summary.json").read_text())
     assert len(summary["checkpoint_sha256"]) == 64
+
+
+def test_fast_flag_gives_the_reference_results(setup):
+    assert dcdp.main(args(setup, "--no_curves")) == 0
+    ref = [np.asarray(Image.open(p), dtype=int) for p in sorted((run_dir(setup) / "recon").iterdir())]
+    setup["out"] = setup["out"].parent / "out_fast"
+    assert dcdp.main(args(setup, "--fast", "--batch_size", "2")) == 0
+    fast = [np.asarray(Image.open(p), dtype=int) for p in sorted((run_dir(setup) / "recon").iterdir())]
+    assert len(fast) == 2 and all(np.abs(a - b).max() <= 2 for a, b in zip(ref, fast))
