@@ -133,6 +133,8 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
         settings.T_end = max(settings.T_end, settings.T_init - (settings.T_init - settings.T_end) * settings.K // K_full)
     size = args.image_size
     params = {k: v for k, v in tcfg.operator.items() if k != "name"}
+    if tcfg.operator_name == "inpainting" and size != 256:  # the official hole, scaled to the image size
+        params["mask_opt"] = {"mask_type": "box"}
     if tcfg.operator_name == "nonlinear_blur" and args.random_weights:
         params["random_weights"] = True
     op = get_operator(tcfg.operator_name, device=device, **params)
