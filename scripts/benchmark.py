@@ -136,7 +136,7 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
     if tcfg.operator_name == "inpainting" and size != 256:  # the official hole, scaled to the image size
         params["mask_opt"] = {"mask_type": "box"}
     if tcfg.operator_name == "nonlinear_blur" and args.random_weights:
-        params["random_weights"] = True
+        params["opt_yml_path"] = "./bkse/options/generate_blur/random_full.yml"  # full size, random weights
     op = get_operator(tcfg.operator_name, device=device, **params)
     if path == "official":
         kernel = op.saved_state().get("kernel") if hasattr(op, "saved_state") else None
