@@ -44,26 +44,28 @@ def read_state_dict(path: str | os.PathLike, *, what: str, source: str) -> dict[
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+def describe_mismatch(state: Mapping[str, tuple], expected: Mapping[str, tuple]) -> str:
+    """'' when the keys and shapes of `state` equal `expected`, else a one-line summary of the differences."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {state[k]} != {v}" for k, v in expected.items() if k in state and tuple(state[k]) != tuple(v)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    return "; ".join(parts)
+
+
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, path: str, source: str) -> nn.Module:
     """`load_state_dict(strict=True)` with a one-line error naming the first mismatches."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [
-        f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} shape mismatches (e.g. {'; '.join(wrong_shape[:3])})")
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    mismatch = describe_mismatch({k: tuple(v.shape) for k, v in state_dict.items()}, own)
+    if mismatch:
         raise CheckpointError(
-            f"{what}: checkpoint '{path}' does not match the model config: {'; '.join(parts)}. "
+            f"{what}: checkpoint '{path}' does not match the model config: {mismatch}. "
             f"Check that the model config matches the file, or re-download it from {source}"
         )
     model.load_state_dict(state_dict, strict=True)

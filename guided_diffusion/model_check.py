@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from guided_diffusion.checkpoints import CheckpointError, read_state_dict
+from guided_diffusion.checkpoints import CheckpointError, describe_mismatch, read_state_dict
 
 CHUNK = 1 << 20  # bytes read at a time for SHA-256
 _CKPT_TOKEN = re.compile(r"[^\s(),;]+\.(?:pt|pth|ckpt|bin|safetensors)\b")
@@ -172,17 +172,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def compare_layout(state: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
     """'' when keys and shapes agree, else a one-line summary of the differences."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {state[k]} != {v}" for k, v in expected.items() if k in state and state[k] != v]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
-    return "; ".join(parts)
+    return describe_mismatch(state, expected)
 
 
 def _locate(entry: Entry, manifest: Manifest | None) -> Path:
