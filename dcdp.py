@@ -60,12 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="network precision; auto = fp16 autocast on CUDA (official), fp32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--cuda_graphs", action="store_true",
-                   help="torch.compile with mode reduce-overhead (CUDA graphs for the fixed-shape network calls)")
+                   help="CUDA graphs: torch.compile mode reduce-overhead for the network, and with "
+                        "--exact_transpose the data-consistency steps replayed from one captured graph")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format for the network")
     p.add_argument("--exact_transpose", action="store_true",
-                   help="linear operators: use the exact gradient (2/N)·Aᵀ(Ax−y) instead of autograd")
+                   help="closed-form data-consistency gradient instead of autograd: (2/N)·Aᵀ(Ax−y) for linear "
+                        "operators, and phase retrieval's own")
     p.add_argument("--fast", action="store_true",
-                   help="fast path: --exact_transpose --channels_last --no_curves, and bf16 + compile on CUDA")
+                   help="fast path: --exact_transpose --channels_last --no_curves, and on CUDA bf16 + --cuda_graphs")
     p.add_argument("--check_models", action="store_true", help="list the checkpoints the shipped configs name and exit")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
     args = p.parse_args(argv)
@@ -95,7 +97,7 @@ def apply_fast(args, device: torch.device) -> None:
         return
     args.exact_transpose = args.channels_last = args.no_curves = True
     if device.type == "cuda":
-        args.compile = True
+        args.compile = args.cuda_graphs = True
         if args.precision == "auto":
             args.precision = "bf16"
 
@@ -172,6 +174,7 @@ def run(args) -> int:
     settings = pur.settings(purify=False if args.no_purification else None)
     if args.exact_transpose:
         settings.exact_transpose = True
+    settings.cuda_graphs = args.cuda_graphs and device.type == "cuda"
     dataset_name = args.dataset or pur.dataset_name
     data_root = args.data_root or pur.dataset_root
 

@@ -17,7 +17,7 @@ import scipy.ndimage
 import torch
 
 from motionblur import motion_kernel
-from util.fft import KernelFFT, fft2c, kernel_fft, reflect_correlate, reflect_correlate_adjoint
+from util.fft import KernelFFT, fft2c, ifft2c, kernel_fft, reflect_correlate, reflect_correlate_adjoint
 from util.resizer import imresize_matrix
 
 __OPERATORS__: dict[str, type] = {}
@@ -67,10 +67,19 @@ def get_noise(name: str, **params) -> "Noise":
 
 
 class Operator:
-    """Base class. Subclasses set `is_linear` and implement `forward` (and `transpose` when linear)."""
+    """Base class. Subclasses set `is_linear` and implement `forward` (and `transpose` when linear).
+
+    `mse_gradient` is the closed-form gradient of the data-consistency loss, used by the fast path
+    instead of autograd where `closed_form_gradient` is true: every linear operator, and nonlinear
+    ones that override it (phase retrieval).
+    """
 
     name: str = ""
     is_linear: bool = False
+
+    @property
+    def closed_form_gradient(self) -> bool:
+        return self.is_linear
 
     def draw_state(self, generator: torch.Generator, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
         """Per-image random state, tensors with leading dim 1, drawn on the CPU from `generator`."""
@@ -81,6 +90,10 @@ class Operator:
 
     def transpose(self, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"operator '{self.name}' is not linear and has no transpose")
+
+    def mse_gradient(self, x: torch.Tensor, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """∇ₓ Σ_b mean((A(x_b) − y_b)²) = (2/N)·Aᵀ(Ax − y), N = numel(y_b): the per-image MSE gradient."""
+        return self.transpose(self.forward(x, **state) - y, **state).mul_(2.0 / y[0].numel())
 
     def saved_state(self) -> dict[str, torch.Tensor]:
         """Per-run tensors worth saving with the outputs (e.g. the motion-blur kernel)."""
@@ -483,11 +496,13 @@ class PhaseRetrievalOperator(Operator):
 
     p_h = int(oversample / 8 · H) zeros on each side (and likewise p_w from W): 64 for 256×256 with
     oversample 2, the official constant, which the official code computes from 256 whatever the image.
-    The FFT is centred and orthonormal (complex64 for float32 input). Not linear; autograd gives the
-    gradient (torch's derivative of |z| at z = 0 is 0, as in the official code).
+    The FFT is centred and orthonormal (complex64 for float32 input). Not linear; the official code
+    differentiates it with autograd (torch's derivative of |z| at z = 0 is 0), and `mse_gradient` is
+    the same gradient in closed form.
     """
 
     is_linear = False
+    closed_form_gradient = True
 
     def __init__(self, oversample: float, device: Device = "cpu"):
         self.oversample = _check_float(oversample, "oversample", "phase_retrieval", 0.0)
@@ -501,6 +516,17 @@ class PhaseRetrievalOperator(Operator):
         pad_h, pad_w = self.padding(*x.shape[-2:])
         x = torch.nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h))
         return fft2c(x).abs()
+
+    def mse_gradient(self, x: torch.Tensor, y: torch.Tensor, **state: torch.Tensor) -> torch.Tensor:
+        """∇ₓ Σ_b mean((|Z_b| − y_b)²) with Z = fft2c(pad(x)): (2/N)·crop(Re(ifft2c((|Z| − y)·sgn Z))).
+
+        fft2c is unitary, so its adjoint is ifft2c; sgn(0) = 0 matches autograd's |z|' at 0.
+        """
+        h, w = x.shape[-2:]
+        pad_h, pad_w = self.padding(h, w)
+        z = fft2c(torch.nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h)))
+        r = ifft2c((z.abs() - y) * torch.sgn(z)).real
+        return r[..., pad_h:pad_h + h, pad_w:pad_w + w].mul(2.0 / y[0].numel())
 
 
 # ---- measurement noise ----

@@ -33,8 +33,10 @@ def _per_image_mean(err: torch.Tensor) -> torch.Tensor:
     return err.flatten(1).mean(dim=1).sum()
 
 
-def _use_exact_transpose(operator, optimizer: str, loss: str) -> bool:
-    return bool(getattr(operator, "is_linear", False)) and optimizer == "SGD" and loss == "L2"
+def _use_closed_form(operator, optimizer: str, loss: str) -> bool:
+    """SGD on the L2 loss with an operator whose gradient has a closed form (`Operator.mse_gradient`)."""
+    closed = getattr(operator, "closed_form_gradient", getattr(operator, "is_linear", False))
+    return bool(closed) and hasattr(operator, "mse_gradient") and optimizer == "SGD" and loss == "L2"
 
 
 def data_consistency(
@@ -50,24 +52,29 @@ def data_consistency(
     *,
     operator_state: Optional[dict] = None,
     exact_transpose: bool = False,
+    cuda_graph: bool = False,
     history: Optional[list] = None,
 ) -> torch.Tensor:
     """The official reconstruction phase (`CSGM_Solver_Pixel_Space`) for a batch of images.
 
     Minimises mean((A(x) − y)²) (or mean|A(x) − y| for loss="L1") + λ·mean((x − x_init)²) over x with a
     fresh optimiser (SGD with momentum, or Adam), `steps` updates, warm-started at `x_init`.
-    `operator` is an `Operator` or any callable x -> A(x). With `exact_transpose` and a linear operator
-    (SGD, L2), the autograd gradient is replaced by its closed form (2/N)·Aᵀ(Ax − y), which is the same
-    number without building a graph. `history`, when given, receives x after the first step (the
-    official code saves that iterate too).
+    `operator` is an `Operator` or any callable x -> A(x). With `exact_transpose` (SGD, L2) and an
+    operator whose gradient has a closed form (every linear operator: (2/N)·Aᵀ(Ax − y); phase
+    retrieval), autograd is replaced by `operator.mse_gradient`, the same numbers without building a
+    graph; with `cuda_graph` too, on a CUDA device and without `history`,
+    the `steps` updates are captured once in a CUDA graph and replayed (same kernels, one launch).
+    `history`, when given, receives x after the first step (the official code saves that iterate too).
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer '{optimizer}'; valid: {', '.join(OPTIMIZERS)}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss '{loss}'; valid: {', '.join(LOSSES)}")
     state = operator_state or {}
-    if exact_transpose and _use_exact_transpose(operator, optimizer, loss):
-        return _sgd_linear(y, x_init, operator, state, steps, lr, momentum, weight_decay_lambda, history)
+    if exact_transpose and _use_closed_form(operator, optimizer, loss):
+        if cuda_graph and x_init.is_cuda and history is None and steps > 0:
+            return _sgd_closed_form_graphed(y, x_init.detach(), operator, state, steps, lr, momentum, weight_decay_lambda)
+        return _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, weight_decay_lambda, history)
 
     forward = operator.forward if hasattr(operator, "forward") else operator
     x_start = x_init.detach()
@@ -89,23 +96,84 @@ def data_consistency(
     return x.detach()
 
 
+def _sgd_step(x, buf, x_init, y, operator, state, lr, momentum, prox) -> None:
+    """One in-place SGD-momentum step on x with the closed-form gradient g = (2/N)·Aᵀ(Ax − y) (or the
+    operator's own `mse_gradient`) + prox·(x − x_init).
+
+    torch semantics: buf₁ = g₁, buf_k = μ·buf_{k−1} + g_k, x ← x − lr·buf. `buf` starts at zeros, which
+    makes the first step μ·0 + g₁ = g₁ exactly, so every step is the same sequence of kernels (what a
+    CUDA graph needs)."""
+    g = operator.mse_gradient(x, y, **state)
+    if prox:
+        g.add_(x - x_init, alpha=prox)
+    buf.mul_(momentum).add_(g)
+    x.sub_(buf, alpha=lr)
+
+
 @torch.no_grad()
-def _sgd_linear(y, x_init, operator, state, steps, lr, momentum, lam, history) -> torch.Tensor:
-    """SGD with momentum (torch semantics: buf₁ = g₁, buf_k = μ·buf_{k−1} + g_k, x ← x − lr·buf) using
-    the exact gradient of the per-image mean squared error: g = (2/N)·Aᵀ(Ax − y), N = numel(y_b)."""
-    scale = 2.0 / y[0].numel()
+def _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, lam, history) -> torch.Tensor:
+    """SGD with momentum using the closed-form gradient of the per-image mean squared error
+    (`operator.mse_gradient`; (2/N)·Aᵀ(Ax − y) for a linear operator, N = numel(y_b))."""
     prox = 2.0 * lam / x_init[0].numel()
     x = x_init.clone()
-    buf = None
+    buf = torch.zeros_like(x)
     for i in range(steps):
-        g = operator.transpose(operator.forward(x, **state) - y, **state).mul_(scale)
-        if lam:
-            g.add_(x - x_init, alpha=prox)
-        buf = g if buf is None else buf.mul_(momentum).add_(g)
-        x.sub_(buf, alpha=lr)
+        _sgd_step(x, buf, x_init, y, operator, state, lr, momentum, prox)
         if history is not None and i == 0:
             history.append(x.clone())
     return x
+
+
+class CudaGraphSGD:
+    """`steps` closed-form-gradient SGD steps (as `_sgd_closed_form`) captured once in a CUDA graph and replayed.
+
+    The graph reads its inputs from static buffers, so one capture serves every call with the same
+    shapes and hyper-parameters (`run` copies the new y, x_init and state in). The operator's caches
+    (resize matrices, kernel spectra) and the cuFFT/cuBLAS handles are created by the warm-up steps on
+    a side stream before the capture, as CUDA graphs require.
+    """
+
+    def __init__(self, operator, y, x_init, state, steps, lr, momentum, lam):
+        self.operator = operator
+        self.hyper = (lr, momentum, 2.0 * lam / x_init[0].numel())
+        self.y, self.x_init, self.x = y.clone(), x_init.clone(), x_init.clone()
+        self.buf = torch.zeros_like(x_init)
+        self.state = {k: v.clone() for k, v in state.items()}
+        device = x_init.device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            for _ in range(steps):
+                self._step()
+
+    def _step(self) -> None:
+        lr, momentum, prox = self.hyper
+        _sgd_step(self.x, self.buf, self.x_init, self.y, self.operator, self.state, lr, momentum, prox)
+
+    def run(self, y: torch.Tensor, x_init: torch.Tensor, state: dict) -> torch.Tensor:
+        self.y.copy_(y)
+        self.x_init.copy_(x_init)
+        self.x.copy_(x_init)
+        self.buf.zero_()
+        for k, v in state.items():
+            self.state[k].copy_(v)
+        self.graph.replay()
+        return self.x.clone()
+
+
+def _sgd_closed_form_graphed(y, x_init, operator, state, steps, lr, momentum, lam) -> torch.Tensor:
+    """`_sgd_closed_form` through a CUDA graph cached on the operator (one per shapes and hyper-parameters)."""
+    key = (steps, lr, momentum, lam, tuple(y.shape), tuple(x_init.shape), y.dtype, y.device,
+           tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(state.items())))
+    cache = operator.__dict__.setdefault("_dc_cuda_graphs", {})
+    if key not in cache:
+        cache[key] = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
+    return cache[key].run(y, x_init, state)
 
 
 @dataclass
@@ -125,6 +193,7 @@ class DCDPSettings:
     purify: bool = True          # False: data consistency alone (a baseline), same number of steps
     final_tau: Optional[int] = None    # steps of the last round (None: tau)
     exact_transpose: bool = False
+    cuda_graphs: bool = False    # with exact_transpose on CUDA: data-consistency steps replayed from a CUDA graph
 
     def timesteps(self) -> list[int]:
         return purification_schedule(self.K, self.T_init, self.T_end, self.schedule)
@@ -177,7 +246,8 @@ def run_dcdp(
         first: Optional[list] = [] if record_iterates else None
         x = data_consistency(
             y, x, forward, steps, settings.lr, settings.momentum, settings.optimizer, settings.loss,
-            settings.weight_decay_lambda, operator_state=operator_state, exact_transpose=exact, history=first,
+            settings.weight_decay_lambda, operator_state=operator_state, exact_transpose=exact,
+            cuda_graph=settings.cuda_graphs, history=first,
         )
         dc_steps += steps
         x_before = x

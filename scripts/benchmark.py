@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --random_weights                       # every pixel task, batch 1 and 8
     python scripts/benchmark.py --random_weights --tasks super_resolution --batch_sizes 1 8 32
+    python scripts/benchmark.py --parity                               # fast vs reference, demo prior
 
 For each task config it restores a few images (synthetic, seeded) after a warm-up and reports the
 median seconds per image, UNet evaluations, data-consistency steps, peak memory, precision and
@@ -12,12 +13,21 @@ compile settings, as a table and as JSON (--json). Three paths are compared:
              softmax
   reference  our default path: batch 1, same arithmetic, FFT blur, SDPA attention
   fast       our fast path: batched, exact Aᵀ gradient for linear operators, channels-last, and on CUDA
-             bf16 autocast + torch.compile
+             bf16 autocast + torch.compile (mode reduce-overhead: CUDA graphs for the network calls
+             and for the data-consistency steps of linear operators)
 
 On the CPU it uses a small model config (the demo UNet's architecture) so that it finishes in
 minutes; on CUDA the real architecture of --model_config (random weights need --random_weights).
 `--max_rounds R` caps K at R outer iterations and scales the time up to the full K (for phase retrieval
-and nonlinear deblurring, whose K = 200).
+and nonlinear deblurring, whose K = 200). `--rows TASK:BATCH[:ROUNDS] ...` replaces the grid of
+--tasks × --batch_sizes by a list run in that order (for a time-limited session: most important first).
+A row that fails (out of memory, a compiler error) is
+recorded with its error and the others go on; `--budget_s` skips the rows that would start after that
+many seconds; the JSON file is rewritten after every row, so an interrupted run keeps what it measured.
+
+`--parity` checks quality instead of speed: on the demo prior and the demo images, every demo task is
+run through dcdp.py twice, reference path (fp32, eager, batch 1) and `--fast` (batch 8; on CUDA bf16,
+torch.compile and CUDA graphs; --precision overrides bf16), with the same seeds, and the mean PSNRs are compared (the bar is 0.05 dB).
 """
 from __future__ import annotations
 
@@ -26,8 +36,11 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -122,14 +135,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def bench_one(task: str, path: str, batch: int, args, device) -> dict:
+_PRIORS: dict = {}
+
+
+def cached_prior(model_cfg: dict, pcfg, device, precision: str, compile_mode, channels_last: bool):
+    """One prior per architecture and path, shared by the tasks (a compiled network is compiled once)."""
+    key = json.dumps([model_cfg, pcfg.full_ddim, pcfg.ddim_num_iterations, pcfg.prior_options(), str(device),
+                      precision, compile_mode, channels_last], sort_keys=True, default=str)
+    if key not in _PRIORS:
+        _PRIORS[key] = build_prior(model_cfg, full_ddim=pcfg.full_ddim, ddim_num_iterations=pcfg.ddim_num_iterations,
+                                   device=device, precision=precision, compile_model=compile_mode,
+                                   channels_last=channels_last, purification=pcfg.prior_options())[0]
+    return _PRIORS[key]
+
+
+def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Optional[int] = None) -> dict:
     task_file, pur_file, task_model, cpu_model = TASKS[task]
     tcfg = load_task_config(ROOT / "task_configurations" / task_file)
     pcfg = load_purification_config(ROOT / "purification_configurations" / pur_file)
     settings = pcfg.settings()
     K_full = settings.K
-    if args.max_rounds and settings.K > args.max_rounds:
-        settings.K = args.max_rounds
+    max_rounds = max_rounds or args.max_rounds
+    if max_rounds and settings.K > max_rounds:
+        settings.K = max_rounds
         settings.T_end = max(settings.T_end, settings.T_init - (settings.T_init - settings.T_end) * settings.K // K_full)
     size = args.image_size
     params = {k: v for k, v in tcfg.operator.items() if k != "name"}
@@ -152,11 +180,11 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
         model_cfg["model_path"] = None
     fast_cuda = path == "fast" and device.type == "cuda"
     precision = args.precision or ("bf16" if fast_cuda else "auto")
-    prior, _ = build_prior(model_cfg, full_ddim=pcfg.full_ddim, ddim_num_iterations=pcfg.ddim_num_iterations,
-                           device=device, precision=precision,
-                           compile_model=(args.compile_mode if fast_cuda and not args.no_compile else False),
-                           channels_last=path == "fast", purification=pcfg.prior_options())
+    compiled = fast_cuda and not args.no_compile
+    settings.cuda_graphs = compiled and args.compile_mode == "reduce-overhead"
+    prior = cached_prior(model_cfg, pcfg, device, precision, args.compile_mode if compiled else False, path == "fast")
     times = []
+    warmup_s = None
     n_runs = args.images + 1  # the first is a warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -176,24 +204,107 @@ def bench_one(task: str, path: str, batch: int, args, device) -> dict:
             sync(device)
             if r > 0:
                 times.append((time.perf_counter() - t0) / batch * K_full / settings.K)
+            else:
+                warmup_s = time.perf_counter() - t0
     full = pcfg.settings()
     return {
         "task": task, "path": path, "batch": batch, "seconds_per_image": statistics.median(times),
         "nfe": sum(prior.nfe(T) for T in full.timesteps()), "dc_steps": full.K * full.tau,
         "rounds_timed": settings.K, "rounds_full": K_full, "image_size": size,
         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-        "precision": precision, "compiled": fast_cuda and not args.no_compile, "device": str(device),
+        "warmup_s": warmup_s, "precision": precision,
+        "compiled": args.compile_mode if compiled else False, "dc_cuda_graphs": settings.cuda_graphs,
+        "device": str(device),
         "model": str(args.model_config or "demo UNet architecture (CPU default)"),
     }
 
 
+def parse_row(spec: str, parser) -> tuple[str, int, Optional[int]]:
+    parts = spec.split(":")
+    try:
+        if parts[0] not in TASKS or len(parts) not in (2, 3):
+            raise ValueError
+        return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        parser.error(f"--rows: '{spec}' is not TASK:BATCH[:ROUNDS] with TASK one of {', '.join(sorted(TASKS))}")
+
+
 def table(rows: list[dict]) -> str:
-    head = f"{'task':22} {'path':9} {'batch':>5} {'s/img':>9} {'NFE':>6} {'DC':>6} {'peak MB':>8} {'prec':>5} {'comp':>5}"
+    head = (f"{'task':22} {'path':9} {'batch':>5} {'s/img':>9} {'NFE':>6} {'DC':>6} {'peak MB':>8} {'prec':>5} "
+            f"{'warm-up s':>9} compiled")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['task']:22} {r['path']:9} {r['batch']:>5}  {r['error']}")
+            continue
         mem = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(f"{r['task']:22} {r['path']:9} {r['batch']:>5} {r['seconds_per_image']:>9.3f} {r['nfe']:>6} "
-                     f"{r['dc_steps']:>6} {mem:>8} {r['precision']:>5} {str(r['compiled']):>5}")
+                     f"{r['dc_steps']:>6} {mem:>8} {r['precision']:>5} {r['warmup_s']:>9.1f} {r['compiled']}")
+    return "\n".join(lines)
+
+
+def _capped_purification_config(src: Path, max_rounds: Optional[int], dst_dir: Path) -> Path:
+    """The purification config with K capped at max_rounds (T_end moved as bench_one does)."""
+    if not max_rounds:
+        return src
+    import yaml
+
+    raw = yaml.safe_load(src.read_text())
+    K = raw["total_num_iterations"]
+    if K > max_rounds:
+        T0, T1 = raw["ddim_init_timestep"], raw["ddim_end_timestep"]
+        raw["total_num_iterations"] = max_rounds
+        raw["ddim_end_timestep"] = max(T1, T0 - (T0 - T1) * max_rounds // K)
+    dst = dst_dir / src.name
+    dst.write_text(yaml.safe_dump(raw))
+    return dst
+
+
+def parity(args, device) -> list[dict]:
+    """Mean PSNR of the reference path and of `dcdp.py --fast` on the demo prior and images, per demo task."""
+    import dcdp
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for task in args.parity_tasks:
+            pur = _capped_purification_config(ROOT / "purification_configurations" / "demo" / f"{task}.yaml",
+                                              args.max_rounds, tmp)
+            means, precision = {}, None
+            for path in ("reference", "fast"):
+                save = tmp / f"{task}_{path}"
+                argv = ["--task_config", str(ROOT / "task_configurations" / "demo" / f"{task}.yaml"),
+                        "--purification_config", str(pur), "--model_config", str(args.parity_model_config),
+                        "--data_root", str(ROOT / "data" / "demo"), "--save_dir", str(save), "--quiet",
+                        "--no_curves", "--device", str(device), "--seed", "0"]
+                if args.max_images:
+                    argv += ["--max_images", str(args.max_images)]
+                if path == "reference":
+                    argv += ["--precision", "fp32", "--batch_size", "1"]
+                else:
+                    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+                    argv += ["--fast", "--batch_size", "8", "--precision", precision]
+                t0 = time.perf_counter()
+                if dcdp.main(argv) != 0:
+                    raise SystemExit(f"parity: dcdp.py failed on {task} ({path})")
+                summary = json.loads(next(save.glob("**/summary.json")).read_text())
+                means[path] = (summary["metrics"]["psnr"]["mean"], summary["ok"], time.perf_counter() - t0)
+            gap = means["fast"][0] - means["reference"][0]
+            rows.append({"task": task, "images": means["fast"][1], "reference_psnr": means["reference"][0],
+                         "fast_psnr": means["fast"][0], "gap_db": gap, "within_0_05_db": abs(gap) < 0.05,
+                         "fast_precision": precision, "reference_wall_s": means["reference"][2],
+                         "fast_wall_s": means["fast"][2], "max_rounds": args.max_rounds, "device": str(device)})
+            print(f"parity {task}: reference {means['reference'][0]:.3f} dB, fast {means['fast'][0]:.3f} dB, "
+                  f"gap {gap:+.3f} dB", file=sys.stderr, flush=True)
+    return rows
+
+
+def parity_table(rows: list[dict]) -> str:
+    lines = ["| task | images | reference PSNR | fast PSNR | fast − reference dB | within 0.05 dB | fast precision |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['images']} | {r['reference_psnr']:.3f} | {r['fast_psnr']:.3f} | "
+                     f"{r['gap_db']:+.3f} | {'yes' if r['within_0_05_db'] else 'NO'} | {r['fast_precision']} |")
     return "\n".join(lines)
 
 
@@ -203,6 +314,8 @@ def main(argv=None) -> int:
                                                    "phase_retrieval"], choices=sorted(TASKS))
     p.add_argument("--paths", nargs="+", default=["official", "reference", "fast"], choices=("official", "reference", "fast"))
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--rows", nargs="+", default=None, metavar="TASK:BATCH[:ROUNDS]",
+                   help="run these rows in this order instead of --tasks x --batch_sizes (ROUNDS: as --max_rounds)")
     p.add_argument("--images", type=int, default=3, help="timed runs after one warm-up (median is reported)")
     p.add_argument("--image_size", type=int, default=None, help="default: 256 on CUDA, 64 on the CPU")
     p.add_argument("--max_rounds", type=int, default=None, help="cap K and scale the time to the full K")
@@ -211,11 +324,21 @@ def main(argv=None) -> int:
     p.add_argument("--random_weights", action="store_true", help="allow random weights (timing only)")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--no_compile", action="store_true")
-    p.add_argument("--compile_mode", default="max-autotune-no-cudagraphs",
-                   help="torch.compile mode of the fast path on CUDA (reduce-overhead adds CUDA graphs)")
+    p.add_argument("--compile_mode", default="reduce-overhead",
+                   help="torch.compile mode of the fast path on CUDA (reduce-overhead: with CUDA graphs; "
+                        "'default': without; max-autotune: slow to compile)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--json", default=None, help="write the rows to this JSON file (after every row)")
+    p.add_argument("--budget_s", type=float, default=None, help="start no row after this many seconds (the first always runs)")
+    p.add_argument("--parity", action="store_true",
+                   help="quality parity of --fast against the reference path on the demo prior and images")
+    p.add_argument("--parity_tasks", nargs="+", default=["super_resolution", "gaussian_deblur", "motion_deblur",
+                                                          "inpainting", "denoising"])
+    p.add_argument("--parity_model_config", default=str(ROOT / "model_configurations" / "model_config_demo.yaml"))
+    p.add_argument("--max_images", type=int, default=None, help="--parity: images per task (default: all)")
     args = p.parse_args(argv)
+    if args.compile_mode == "default":
+        args.compile_mode = True
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.model_config is None and device.type == "cuda":
         args.model_config = str(ROOT / "model_configurations" / "model_config_ffhq.yaml")
@@ -225,17 +348,41 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    if args.parity:
+        rows = parity(args, device)
+        print(parity_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0 if all(r["within_0_05_db"] for r in rows) else 1
+    if args.rows:
+        plan = [(task, path, batch, rounds) for spec in args.rows for task, batch, rounds in [parse_row(spec, p)]
+                for path in args.paths]
+        if any(path != "fast" and batch != 1 for _, path, batch, _ in plan):
+            p.error("--rows: the official and reference paths run at batch 1 only")
+    else:
+        plan = [(task, path, batch, None) for task in args.tasks for path in args.paths
+                for batch in (args.batch_sizes if path == "fast" else [1])]
     rows = []
-    for task in args.tasks:
-        for path in args.paths:
-            for batch in (args.batch_sizes if path == "fast" else [1]):
-                row = bench_one(task, path, batch, args, device)
-                rows.append(row)
-                print(f"{task} {path} b{batch}: {row['seconds_per_image']:.3f} s/img", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    for task, path, batch, rounds in plan:
+        if rows and args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            row = {"task": task, "path": path, "batch": batch, "error": "skipped: --budget_s reached"}
+        else:
+            try:
+                row = bench_one(task, path, batch, args, device, rounds)
+            except Exception as exc:  # one failed row (OOM, compiler) must not lose the others
+                traceback.print_exc()
+                message = str(exc).splitlines()[0] if str(exc) else ""
+                row = {"task": task, "path": path, "batch": batch, "error": f"{type(exc).__name__}: {message}"[:200]}
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        result = row["error"] if "error" in row else f"{row['seconds_per_image']:.3f} s/img"
+        print(f"{task} {path} b{batch}: {result}", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0
+    return 1 if any(r.get("error", "skipped").split(":")[0] != "skipped" for r in rows) else 0
 
 
 if __name__ == "__main__":

@@ -52,3 +52,33 @@ def test_fast_path_matches_reference_path_within_0_05_db():
                     [torch.Generator().manual_seed(s) for s in seeds], torch.zeros(4, 3, 32, 32), check_finite=False).x
     gap = abs(np.mean(psnr(gt, fast)) - np.mean(psnr(gt, ref)))
     assert gap < 0.05, gap
+
+
+def test_rows_run_in_order_with_their_rounds_and_a_failed_row_is_recorded(tmp_path):
+    out = tmp_path / "bench.json"
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(TINY_UNET))
+    common = ["--paths", "fast", "--images", "1", "--image_size", "32", "--random_weights", "--device", "cpu",
+              "--json", str(out)]
+    assert benchmark.main(common + ["--rows", "phase_retrieval:2:1", "super_resolution:1", "--max_rounds", "2",
+                                    "--model_config", str(model)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["task"], r["batch"], r["rounds_timed"]) for r in rows] == [("phase_retrieval", 2, 1),
+                                                                         ("super_resolution", 1, 2)]
+    # a broken row (here: a model config that does not exist) is recorded, the next rows still run,
+    # and rows past --budget_s are skipped
+    assert benchmark.main(common + ["--rows", "super_resolution:1", "gaussian_deblur:1", "--budget_s", "0",
+                                    "--model_config", str(tmp_path / "missing.yaml")]) == 1
+    rows = json.loads(out.read_text())
+    assert "FileNotFoundError" in rows[0]["error"] or "missing.yaml" in rows[0]["error"]
+    assert rows[1]["error"] == "skipped: --budget_s reached"
+
+
+def test_parity_mode_compares_fast_with_reference_on_the_demo_prior(tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    assert benchmark.main(["--parity", "--parity_tasks", "super_resolution", "--max_rounds", "1", "--max_images", "1",
+                           "--device", "cpu", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["task"] == "super_resolution" and row["images"] == 1 and row["within_0_05_db"]
+    assert abs(row["gap_db"]) < 0.05 and row["reference_psnr"] > 15
+    assert "| super_resolution | 1 |" in capsys.readouterr().out

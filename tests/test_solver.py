@@ -26,6 +26,7 @@ def test_data_consistency_matches_official_csgm():
     ("gaussian_blur", {"kernel_size": 9, "intensity": 1.5}),
     ("inpainting", {"mask_opt": {"mask_type": "random", "mask_prob_range": [0.3, 0.7]}}),
     ("noise", {}),
+    ("phase_retrieval", {"oversample": 2.0}),
 ])
 def test_exact_transpose_equals_autograd(name, params):
     op = get_operator(name, device="cpu", **params)
@@ -38,6 +39,24 @@ def test_exact_transpose_equals_autograd(name, params):
     auto = data_consistency(y, x0, op, **kw)
     exact = data_consistency(y, x0, op, exact_transpose=True, **kw)
     torch.testing.assert_close(exact, auto, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("super_resolution", {"in_shape": [1, 3, 32, 32], "scale_factor": 4}),
+    ("motion_blur", {"kernel_size": 15, "intensity": 0.5}),
+    ("phase_retrieval", {"oversample": 2.0}),
+])
+def test_mse_gradient_is_the_autograd_gradient(name, params):
+    """Σ_b mean((A(x_b) − y_b)²) differentiated by autograd (float64) equals the closed form."""
+    op = get_operator(name, device="cpu", **params)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        y = op.forward(torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64))
+    x.grad = None
+    (op.forward(x) - y).square().flatten(1).mean(dim=1).sum().backward()
+    closed = op.mse_gradient(x.detach(), y)
+    torch.testing.assert_close(closed, x.grad, rtol=1e-10, atol=1e-12)
 
 
 class IdentityPurifier:
