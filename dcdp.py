@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda_graphs", action="store_true",
                    help="CUDA graphs: torch.compile mode reduce-overhead for the network, and with "
                         "--exact_transpose the data-consistency steps replayed from one captured graph")
-    p.add_argument("--channels_last", action="store_true", help="channels-last memory format for the network")
+    p.add_argument("--channels_last", action="store_true",
+                   help="channels-last memory format for the networks (the prior, and the nonlinear-blur network)")
     p.add_argument("--exact_transpose", action="store_true",
                    help="closed-form data-consistency gradient instead of autograd: (2/N)·Aᵀ(Ax−y) for linear "
                         "operators, and phase retrieval's own")
@@ -181,6 +182,8 @@ def run(args) -> int:
     # Build everything that can fail before doing any work.
     op_params = {k: v for k, v in task.operator.items() if k != "name"}
     operator = get_operator(task.operator_name, device=device, **op_params)
+    if args.channels_last and hasattr(operator, "channels_last"):
+        operator.channels_last()  # a network inside the operator (nonlinear blur)
     noise_params = {k: v for k, v in task.noise.items() if k != "name"}
     noiser = get_noise(task.noise["name"], **noise_params)
     if model_cfg.get("model_path") is None:

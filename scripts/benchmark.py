@@ -166,6 +166,8 @@ def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Option
     if tcfg.operator_name == "nonlinear_blur" and args.random_weights:
         params["opt_yml_path"] = "./bkse/options/generate_blur/random_full.yml"  # full size, random weights
     op = get_operator(tcfg.operator_name, device=device, **params)
+    if path == "fast" and hasattr(op, "channels_last"):
+        op.channels_last()
     if path == "official":
         kernel = op.saved_state().get("kernel") if hasattr(op, "saved_state") else None
         op = ConvBlur(kernel) if kernel is not None and kernel.dim() == 2 else Autograd(op)

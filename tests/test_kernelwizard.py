@@ -219,6 +219,22 @@ def test_operator_gradients_reach_x(tiny_op):
     assert all(p.grad is None for p in tiny_op.model.parameters())
 
 
+def test_channels_last_gives_the_same_blur_and_gradient(tiny_op):
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    state = tiny_op.draw_state(torch.Generator().manual_seed(5), x.shape[1:])
+    results = []
+    for make_channels_last in (False, True):
+        if make_channels_last:
+            tiny_op.channels_last()
+        xx = x.clone().requires_grad_(True)
+        y = tiny_op(xx, **state)
+        y.square().mean().backward()
+        results.append((y.detach(), xx.grad))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in tiny_op.model.parameters() if p.dim() == 4)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-9)
+
+
 def test_batch_of_two_equals_two_singles(tiny_op):
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     states = [tiny_op.draw_state(torch.Generator().manual_seed(s), (3, 128, 128)) for s in (10, 11)]
