@@ -274,3 +274,24 @@ def test_relative_model_path_resolution(tmp_path: Path, monkeypatch: pytest.Monk
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "ffhq_10m.pt").touch()
     assert unet.resolve_model_path("models/ffhq_10m.pt") == str(tmp_path / "models" / "ffhq_10m.pt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unet_traces_as_one_graph_for_torch_compile(dtype):
+    """torch.compile(fullgraph=True) must see the whole network (no graph breaks), channels-last and under
+    autocast, as the fast path compiles it on CUDA; AOTAutograd's trace gives the eager result."""
+    from tests.test_driver import TINY_UNET
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = create_model(**TINY_UNET).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model = model.to(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 3])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        out, ref = compiled(x, t).float(), model(x, t).float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out - ref).abs().max().item() <= tol * ref.abs().max().item()
