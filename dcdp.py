@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: the GPU when there is one)")
     p.add_argument("--seed", type=int, default=0, help="base seed; image i uses seed + i")
     p.add_argument("--max_images", type=int, default=None, help="process at most this many images (default: all)")
-    p.add_argument("--batch_size", type=int, default=1, help="images restored together (results do not depend on it)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images restored together (results do not depend on it); default 1, 8 with --fast")
     p.add_argument("--data_root", default=None, help="override the dataset root of the purification config")
     p.add_argument("--dataset", default=None, help="override the dataset name (ffhq, ImageNet, folder)")
     p.add_argument("--resume", action="store_true", help="skip images whose outputs are complete")
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="closed-form data-consistency gradient instead of autograd: (2/N)·Aᵀ(Ax−y) for linear "
                         "operators, and phase retrieval's own")
     p.add_argument("--fast", action="store_true",
-                   help="fast path: --exact_transpose --channels_last --no_curves, and on CUDA bf16 + --cuda_graphs")
+                   help="fast path: --batch_size 8 (unless given) --exact_transpose --channels_last --no_curves, "
+                        "and on CUDA bf16 + --cuda_graphs")
     p.add_argument("--check_models", action="store_true", help="list the checkpoints the shipped configs name and exit")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
     args = p.parse_args(argv)
@@ -97,6 +99,8 @@ def apply_fast(args, device: torch.device) -> None:
     if not args.fast:
         return
     args.exact_transpose = args.channels_last = args.no_curves = True
+    if args.batch_size is None:
+        args.batch_size = 8
     if device.type == "cuda":
         args.compile = args.cuda_graphs = True
         if args.precision == "auto":
@@ -237,7 +241,7 @@ def run(args) -> int:
     lpips = LPIPS(device)
     image_size = pur.image_size
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
-    batch_size = max(1, args.batch_size)
+    batch_size = max(1, args.batch_size or 1)
     psnr_running: list[float] = []
     pos = 0
     while pos < len(todo):

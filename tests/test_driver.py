@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -203,3 +204,18 @@ def test_fast_flag_gives_the_reference_results(setup):
     assert dcdp.main(args(setup, "--fast", "--batch_size", "2")) == 0
     fast = [np.asarray(Image.open(p), dtype=int) for p in sorted((run_dir(setup) / "recon").iterdir())]
     assert len(fast) == 2 and all(np.abs(a - b).max() <= 2 for a, b in zip(ref, fast))
+
+
+def test_fast_sets_the_fast_options_and_batches_of_8_unless_given():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    args = dcdp.parse_args(["--fast"])
+    dcdp.apply_fast(args, cpu)
+    assert args.batch_size == 8 and args.exact_transpose and args.channels_last and args.no_curves
+    assert not args.cuda_graphs and args.precision == "auto"  # CUDA-only options stay off on the CPU
+    args = dcdp.parse_args(["--fast", "--batch_size", "3"])
+    dcdp.apply_fast(args, cuda)
+    assert args.batch_size == 3 and args.cuda_graphs and args.compile and args.precision == "bf16"
+    args = dcdp.parse_args(["--fast", "--precision", "fp16"])
+    dcdp.apply_fast(args, cuda)
+    assert args.precision == "fp16"
+    assert dcdp.parse_args([]).batch_size is None  # 1 at run time
