@@ -12,22 +12,23 @@ compile settings, as a table and as JSON (--json). Three paths are compared:
              through the operator, blur as a reflect-padded depthwise Conv2d, attention as an explicit
              softmax
   reference  our default path: batch 1, same arithmetic, FFT blur, SDPA attention
-  fast       our fast path: batched, exact Aᵀ gradient for linear operators, channels-last, and on CUDA
-             bf16 autocast + torch.compile (mode reduce-overhead: CUDA graphs for the network calls
-             and for the data-consistency steps of linear operators)
+  fast       our fast path: batched, closed-form data-consistency gradient (linear operators, phase
+             retrieval), channels-last, and on CUDA bf16 autocast + torch.compile (mode reduce-overhead:
+             CUDA graphs for the network calls and for the closed-form data-consistency steps)
 
 On the CPU it uses a small model config (the demo UNet's architecture) so that it finishes in
 minutes; on CUDA the real architecture of --model_config (random weights need --random_weights).
 `--max_rounds R` caps K at R outer iterations and scales the time up to the full K (for phase retrieval
 and nonlinear deblurring, whose K = 200). `--rows TASK:BATCH[:ROUNDS] ...` replaces the grid of
 --tasks × --batch_sizes by a list run in that order (for a time-limited session: most important first).
-A row that fails (out of memory, a compiler error) is
-recorded with its error and the others go on; `--budget_s` skips the rows that would start after that
-many seconds; the JSON file is rewritten after every row, so an interrupted run keeps what it measured.
+A row that fails (out of memory, a compiler error) is recorded with its error and the others go on;
+`--budget_s` skips the rows that would start after that many seconds; the JSON file is rewritten after
+every row, so an interrupted run keeps what it measured.
 
 `--parity` checks quality instead of speed: on the demo prior and the demo images, every demo task is
-run through dcdp.py twice, reference path (fp32, eager, batch 1) and `--fast` (batch 8; on CUDA bf16,
-torch.compile and CUDA graphs; --precision overrides bf16), with the same seeds, and the mean PSNRs are compared (the bar is 0.05 dB).
+run through dcdp.py twice with the same seeds, reference path (fp32, eager, batch 1) and `--fast`
+(batch 8; on CUDA bf16, torch.compile and CUDA graphs; --precision overrides bf16), and the mean PSNRs
+are compared (the bar is 0.05 dB).
 """
 from __future__ import annotations
 
@@ -298,6 +299,8 @@ def parity(args, device) -> list[dict]:
                          "fast_wall_s": means["fast"][2], "max_rounds": args.max_rounds, "device": str(device)})
             print(f"parity {task}: reference {means['reference'][0]:.3f} dB, fast {means['fast'][0]:.3f} dB, "
                   f"gap {gap:+.3f} dB", file=sys.stderr, flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 
@@ -353,8 +356,6 @@ def main(argv=None) -> int:
     if args.parity:
         rows = parity(args, device)
         print(parity_table(rows))
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0 if all(r["within_0_05_db"] for r in rows) else 1
     if args.rows:
         plan = [(task, path, batch, rounds) for spec in args.rows for task, batch, rounds in [parse_row(spec, p)]

@@ -47,9 +47,9 @@ torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() el
     git log -1 --format='commit %H %s' 2>/dev/null
 } >> "$LOG" 2>&1
 
-stage bench_fast 270 $PY scripts/benchmark.py --random_weights --paths fast --rows "${ROWS[@]}" --images 1 \
-    --budget_s 230 --json "$OUT/bench_fast.json" "${SIZE[@]}"
-stage parity 90 $PY scripts/benchmark.py --parity --json "$OUT/parity.json" "${PARITY[@]}"
+stage bench_fast 240 $PY scripts/benchmark.py --random_weights --paths fast --rows "${ROWS[@]}" --images 1 \
+    --budget_s 200 --json "$OUT/bench_fast.json" "${SIZE[@]}"
+stage parity 120 $PY scripts/benchmark.py --parity --json "$OUT/parity.json" "${PARITY[@]}"
 stage tests_cuda 75 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 stage bench_official 40 $PY scripts/benchmark.py --random_weights --paths official reference --rows super_resolution:1 \
     --images 1 --json "$OUT/bench_official.json" "${SIZE[@]}"
