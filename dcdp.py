@@ -180,6 +180,8 @@ def run(args) -> int:
     if args.exact_transpose:
         settings.exact_transpose = True
     settings.cuda_graphs = args.cuda_graphs and device.type == "cuda"
+    if args.cuda_graphs and device.type != "cuda":
+        log.warning("note: --cuda_graphs has no effect without a CUDA device")
     dataset_name = args.dataset or pur.dataset_name
     data_root = args.data_root or pur.dataset_root
 
@@ -198,7 +200,7 @@ def run(args) -> int:
         log.warning(f"warning: operator '{task.operator_name}' uses RANDOM network weights")
     prior, prior_info = build_prior(
         model_cfg, full_ddim=pur.full_ddim, ddim_num_iterations=pur.ddim_num_iterations, device=device,
-        precision=args.precision, compile_model="reduce-overhead" if args.cuda_graphs else args.compile,
+        precision=args.precision, compile_model="reduce-overhead" if settings.cuda_graphs else args.compile,
         channels_last=args.channels_last,
         purification=pur.prior_options(),
     )
@@ -214,6 +216,7 @@ def run(args) -> int:
         "purification": {k: v for k, v in pur.raw.items() if k not in ("save_every_main", "save_every_sub")},
         "model": model_cfg, "seed": args.seed, "no_purification": args.no_purification,
         "dataset": {"name": dataset_name, "root": str(data_root)},
+        "precision": ("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision,
     }
     identity = json.loads(json.dumps(identity, default=str))
     config_file = root / "run_config.json"

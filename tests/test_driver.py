@@ -92,6 +92,9 @@ def test_resume_skips_complete_and_refuses_other_configs(setup, caplog):
     assert (root / "recon" / "00001.png").is_file()
     assert dcdp.main(args(setup, "--no_curves", "--resume", "--seed", "5")) == dcdp.EXIT_BAD_INPUT
     assert "different settings" in caplog.text
+    caplog.clear()  # another network precision gives other numbers: refused too, and named
+    assert dcdp.main(args(setup, "--no_curves", "--resume", "--precision", "bf16")) == dcdp.EXIT_BAD_INPUT
+    assert "different settings (precision)" in caplog.text
 
 
 def test_corrupt_image_is_reported_and_skipped(setup):

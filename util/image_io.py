@@ -1,6 +1,6 @@
 """Reading images of any size and mode, saving pictures, and atomic writes.
 
-Datasets (the `data.name` of a purification config):
+Datasets (the `dataset.name` of a purification config, or `--dataset`):
 
 | name       | files (case-insensitive, recursive, sorted)   | sizing to `image_size`                       |
 |------------|-----------------------------------------------|----------------------------------------------|
@@ -63,7 +63,7 @@ _PIL_READ_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError, Im
 
 def _dataset_spec(dataset_name: str) -> DatasetSpec:
     if dataset_name not in DATASETS:
-        raise ValueError(f"unknown dataset '{dataset_name}'; valid names: {', '.join(DATASETS)} (set data.name in the purification config)")
+        raise ValueError(f"unknown dataset '{dataset_name}'; valid names: {', '.join(DATASETS)} (set dataset.name in the purification config, or --dataset)")
     return DATASETS[dataset_name]
 
 
@@ -81,7 +81,7 @@ def list_images(root: str | os.PathLike, dataset_name: str) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         problem = "is not a folder" if root.exists() else "does not exist"
-        raise FileNotFoundError(f"image folder '{root}' {problem}; create it or set data.root in the purification config")
+        raise FileNotFoundError(f"image folder '{root}' {problem}; create it or set dataset.root in the purification config (or --data_root)")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -90,7 +90,7 @@ def list_images(root: str | os.PathLike, dataset_name: str) -> list[Path]:
         ]
     if not found:
         kinds = ", ".join(sorted("*" + e for e in spec.extensions))
-        raise ValueError(f"no {kinds} images under '{root}' (dataset '{dataset_name}'); add images there or set data.root / data.name")
+        raise ValueError(f"no {kinds} images under '{root}' (dataset '{dataset_name}'); add images there or set dataset.root / dataset.name (or --data_root / --dataset)")
     return [Path(p) for p in sorted(found)]
 
 
@@ -119,7 +119,7 @@ def _open_rgb(path: Path, exif_transpose: bool) -> Image.Image:
     except ImageError:
         raise
     except FileNotFoundError:
-        raise ImageError(f"image file '{path}' not found; check data.root and the file list") from None
+        raise ImageError(f"image file '{path}' not found; check dataset.root (or --data_root) and the file list") from None
     except _PIL_READ_ERRORS as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"cannot read image '{path}' ({reason}); the file is corrupt or not an image, replace or remove it") from None
