@@ -11,12 +11,15 @@ summed over images of per-image means, so each image sees exactly the official g
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
 from .gaussian_diffusion import purification_schedule
+
+log = logging.getLogger("dcdp")
 
 OPTIMIZERS = ("SGD", "Adam")
 LOSSES = ("L2", "L1")
@@ -167,13 +170,30 @@ class CudaGraphSGD:
 
 
 def _sgd_closed_form_graphed(y, x_init, operator, state, steps, lr, momentum, lam) -> torch.Tensor:
-    """`_sgd_closed_form` through a CUDA graph cached on the operator (one per shapes and hyper-parameters)."""
+    """`_sgd_closed_form` through a CUDA graph cached on the operator (one per shapes and hyper-parameters).
+
+    If the capture fails (an operator that cannot be captured, a driver problem), one warning names the
+    error and these steps run eagerly from then on: the same numbers, without the graph.
+    """
     key = (steps, lr, momentum, lam, tuple(y.shape), tuple(x_init.shape), y.dtype, y.device,
            tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(state.items())))
     cache = operator.__dict__.setdefault("_dc_cuda_graphs", {})
     if key not in cache:
-        cache[key] = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
+        try:
+            cache[key] = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
+        except Exception as exc:  # noqa: BLE001 - any capture failure: keep going without the graph
+            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning(f"warning: CUDA graph capture of the data-consistency steps failed ({message}); "
+                        f"running them without the graph")
+            cache[key] = message
+    if isinstance(cache[key], str):
+        return _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, lam, None)
     return cache[key].run(y, x_init, state)
+
+
+def cuda_graph_failures(operator) -> list[str]:
+    """The capture errors recorded on `operator` (empty when every capture worked or none was tried)."""
+    return [v for v in operator.__dict__.get("_dc_cuda_graphs", {}).values() if isinstance(v, str)]
 
 
 @dataclass

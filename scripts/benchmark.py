@@ -54,7 +54,7 @@ from guided_diffusion import unet as unet_module  # noqa: E402
 from guided_diffusion.config import load_model_config, load_purification_config, load_task_config  # noqa: E402
 from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
-from guided_diffusion.solver import run_dcdp  # noqa: E402
+from guided_diffusion.solver import cuda_graph_failures, run_dcdp  # noqa: E402
 
 CPU_MODEL = {  # the demo UNet's architecture, random weights
     "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,4", "learn_sigma": False,
@@ -211,13 +211,15 @@ def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Option
             else:
                 warmup_s = time.perf_counter() - t0
     full = pcfg.settings()
+    failures = cuda_graph_failures(op)
     return {
         "task": task, "path": path, "batch": batch, "seconds_per_image": statistics.median(times),
         "nfe": sum(prior.nfe(T) for T in full.timesteps()), "dc_steps": full.K * full.tau,
         "rounds_timed": settings.K, "rounds_full": K_full, "image_size": size,
         "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "warmup_s": warmup_s, "precision": precision,
-        "compiled": args.compile_mode if compiled else False, "dc_cuda_graphs": settings.cuda_graphs,
+        "compiled": args.compile_mode if compiled else False,
+        "dc_cuda_graphs": f"failed: {failures[0]}" if failures else settings.cuda_graphs,
         "device": str(device),
         "model": str(args.model_config or "demo UNet architecture (CPU default)"),
     }

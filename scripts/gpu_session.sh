@@ -62,7 +62,8 @@ for f in bench_fast bench_official; do
 import json, sys
 for r in json.load(open(sys.argv[1])):
     res = r.get("error") or (f"{r['seconds_per_image']:.3f} s/img  warm-up {r['warmup_s']:.0f} s  "
-                             f"peak {r['peak_mem_mb'] or 0:.0f} MB  rounds {r['rounds_timed']}/{r['rounds_full']}")
+                             f"peak {r['peak_mem_mb'] or 0:.0f} MB  rounds {r['rounds_timed']}/{r['rounds_full']}  "
+                             f"compiled {r['compiled']}  DC graphs {r['dc_cuda_graphs']}")
     print(f"{r['task']:18} {r['path']:9} b{r['batch']:<3} {res}")
 EOF
 done

@@ -117,3 +117,19 @@ def test_adam_and_l1_run():
     y = torch.full((1, 3, 4, 4), 0.5)
     x = data_consistency(y, torch.zeros_like(y), op, 200, 0.05, optimizer="Adam", loss="L1")
     assert (x - y).abs().max() < 0.1
+
+
+def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog):
+    """Without a CUDA device the capture cannot work: the steps run eagerly, with one warning."""
+    from guided_diffusion.solver import _sgd_closed_form, _sgd_closed_form_graphed, cuda_graph_failures
+
+    op = get_operator("gaussian_blur", kernel_size=9, intensity=1.5)
+    g = torch.Generator().manual_seed(3)
+    y = op.forward(torch.rand(2, 3, 32, 32, generator=g))
+    x0 = torch.zeros_like(y)
+    eager = _sgd_closed_form(y, x0, op, {}, 10, 100.0, 0.9, 0.0, None)
+    for _ in range(2):
+        out = _sgd_closed_form_graphed(y, x0, op, {}, 10, 100.0, 0.9, 0.0)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert caplog.text.count("CUDA graph capture of the data-consistency steps failed") == 1
+    assert len(cuda_graph_failures(op)) == 1
