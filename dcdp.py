@@ -157,6 +157,15 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         log.error(f"error: {exc}")
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        log.error(f"error: torch.compile could not compile the network ({type(cause).__name__}: {first}); run "
+                  f"without --compile, --cuda_graphs and --fast, or repair the compiler toolchain (Triton on CUDA, "
+                  f"a C++ compiler on the CPU)")
+        return EXIT_BAD_INPUT
 
 
 def run(args) -> int:

@@ -222,3 +222,17 @@ def test_fast_sets_the_fast_options_and_batches_of_8_unless_given():
     dcdp.apply_fast(args, cuda)
     assert args.precision == "fp16"
     assert dcdp.parse_args([]).batch_size is None  # 1 at run time
+
+
+def test_a_failing_torch_compile_is_one_clear_error(setup, monkeypatch, caplog):
+    """A broken compiler toolchain (simulated: a torch.compile backend that raises) ends the run with one
+    line that says which flags to drop, not a compiler traceback."""
+    real_compile = torch.compile
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no working compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=broken_backend))
+    assert dcdp.main(args(setup, "--compile", "--max_images", "1")) == dcdp.EXIT_BAD_INPUT
+    assert "torch.compile could not compile the network" in caplog.text
+    assert "no working compiler here" in caplog.text and "--compile" in caplog.text
