@@ -162,9 +162,9 @@ def main(argv=None) -> int:
             raise
         cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        log.error(f"error: torch.compile could not compile the network ({type(cause).__name__}: {first}); run "
-                  f"without --compile, --cuda_graphs and --fast, or repair the compiler toolchain (Triton on CUDA, "
-                  f"a C++ compiler on the CPU)")
+        log.error(f"error: the network compiled by torch.compile failed ({type(cause).__name__}: {first}); run "
+                  f"without --compile, --cuda_graphs and --fast to see whether compilation is the cause (a broken "
+                  f"toolchain: Triton on CUDA, a C++ compiler on the CPU)")
         return EXIT_BAD_INPUT
 
 
@@ -225,12 +225,15 @@ def run(args) -> int:
         "purification": {k: v for k, v in pur.raw.items() if k not in ("save_every_main", "save_every_sub")},
         "model": model_cfg, "seed": args.seed, "no_purification": args.no_purification,
         "dataset": {"name": dataset_name, "root": str(data_root)},
-        "precision": ("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision,
+        # the network precision changes the numbers of pixel priors (the others ignore --precision)
+        "precision": (("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision)
+        if prior_info["kind"] == "pixel" else None,
     }
     identity = json.loads(json.dumps(identity, default=str))
     config_file = root / "run_config.json"
     if args.resume and config_file.is_file():  # every rank checks, so none waits for a rank that refused
         previous = json.loads(config_file.read_text())
+        previous.setdefault("precision", identity["precision"])  # records made before it was recorded
         if previous != identity:
             changed = sorted(k for k in identity if previous.get(k) != identity.get(k))
             raise ConfigError(

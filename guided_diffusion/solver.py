@@ -11,6 +11,7 @@ summed over images of per-image means, so each image sees exactly the official g
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
@@ -131,56 +132,82 @@ class CudaGraphSGD:
     """`steps` closed-form-gradient SGD steps (as `_sgd_closed_form`) captured once in a CUDA graph and replayed.
 
     The graph reads its inputs from static buffers, so one capture serves every call with the same
-    shapes and hyper-parameters (`run` copies the new y, x_init and state in). The operator's caches
-    (resize matrices, kernel spectra) and the cuFFT/cuBLAS handles are created by the warm-up steps on
-    a side stream before the capture, as CUDA graphs require.
+    shapes and hyper-parameters (`run` copies the new y, x_init and state in). `warm_up` runs two steps
+    first (on a side stream on CUDA), which builds the operator's caches (resize matrices, kernel
+    spectra) and the cuFFT/cuBLAS handles, as CUDA graphs require; `capture` then records the steps.
+    Everything runs under the buffers' device (it need not be the current one: torchrun ranks).
     """
 
     def __init__(self, operator, y, x_init, state, steps, lr, momentum, lam):
-        self.operator = operator
+        self.operator, self.steps = operator, steps
         self.hyper = (lr, momentum, 2.0 * lam / x_init[0].numel())
         self.y, self.x_init, self.x = y.clone(), x_init.clone(), x_init.clone()
         self.buf = torch.zeros_like(x_init)
         self.state = {k: v.clone() for k, v in state.items()}
-        device = x_init.device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            for _ in range(steps):
-                self._step()
+        self.device = x_init.device
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
 
     def _step(self) -> None:
         lr, momentum, prox = self.hyper
         _sgd_step(self.x, self.buf, self.x_init, self.y, self.operator, self.state, lr, momentum, prox)
 
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Two steps outside the graph; an error here is the operator's own and propagates."""
+        if self.device.type != "cuda":
+            for _ in range(2):
+                self._step()
+            return
+        with self._on_device():
+            side = torch.cuda.Stream(device=self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        with self._on_device():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                for _ in range(self.steps):
+                    self._step()
+        self.graph = graph
+
     def run(self, y: torch.Tensor, x_init: torch.Tensor, state: dict) -> torch.Tensor:
-        self.y.copy_(y)
-        self.x_init.copy_(x_init)
-        self.x.copy_(x_init)
-        self.buf.zero_()
-        for k, v in state.items():
-            self.state[k].copy_(v)
-        self.graph.replay()
-        return self.x.clone()
+        with self._on_device():
+            self.y.copy_(y)
+            self.x_init.copy_(x_init)
+            self.x.copy_(x_init)
+            self.buf.zero_()
+            for k, v in state.items():
+                self.state[k].copy_(v)
+            self.graph.replay()
+            return self.x.clone()
 
 
 def _sgd_closed_form_graphed(y, x_init, operator, state, steps, lr, momentum, lam) -> torch.Tensor:
     """`_sgd_closed_form` through a CUDA graph cached on the operator (one per shapes and hyper-parameters).
 
-    If the capture fails (an operator that cannot be captured, a driver problem), one warning names the
-    error and these steps run eagerly from then on: the same numbers, without the graph.
+    If the capture itself fails (an operator that cannot be captured, a driver problem), one warning
+    names the error and these steps run eagerly from then on: the same numbers, without the graph.
+    Errors of the operator (in the warm-up steps) and running out of GPU memory propagate as usual.
     """
-    key = (steps, lr, momentum, lam, tuple(y.shape), tuple(x_init.shape), y.dtype, y.device,
-           tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(state.items())))
+    key = (steps, lr, momentum, lam, tuple(y.shape), y.dtype, tuple(x_init.shape), x_init.dtype, x_init.device,
+           tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(state.items())))
     cache = operator.__dict__.setdefault("_dc_cuda_graphs", {})
     if key not in cache:
+        graphed = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
+        graphed.warm_up()
         try:
-            cache[key] = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
+            graphed.capture()
+            cache[key] = graphed
+        except torch.cuda.OutOfMemoryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any capture failure: keep going without the graph
             message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning(f"warning: CUDA graph capture of the data-consistency steps failed ({message}); "

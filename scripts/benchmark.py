@@ -5,8 +5,9 @@
     python scripts/benchmark.py --parity                               # fast vs reference, demo prior
 
 For each task config it restores a few images (synthetic, seeded) after a warm-up and reports the
-median seconds per image, UNet evaluations, data-consistency steps, peak memory, precision and
-compile settings, as a table and as JSON (--json). Three paths are compared:
+median seconds per image, UNet evaluations, data-consistency steps, peak memory (the process's peak
+during the row, which includes the networks and CUDA-graph pools earlier rows left in memory),
+precision and compile settings, as a table and as JSON (--json). Three paths are compared:
 
   official   the official code's structure: batch 1, fp32 (fp16 autocast on CUDA, as dcdp.py), autograd
              through the operator, blur as a reflect-padded depthwise Conv2d, attention as an explicit
@@ -230,9 +231,13 @@ def parse_row(spec: str, parser) -> tuple[str, int, Optional[int]]:
     try:
         if parts[0] not in TASKS or len(parts) not in (2, 3):
             raise ValueError
-        return parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+        batch, rounds = int(parts[1]), int(parts[2]) if len(parts) == 3 else None
+        if batch < 1 or (rounds is not None and rounds < 1):
+            raise ValueError
+        return parts[0], batch, rounds
     except ValueError:
-        parser.error(f"--rows: '{spec}' is not TASK:BATCH[:ROUNDS] with TASK one of {', '.join(sorted(TASKS))}")
+        parser.error(f"--rows: '{spec}' is not TASK:BATCH[:ROUNDS] with TASK one of {', '.join(sorted(TASKS))} "
+                     f"and BATCH, ROUNDS positive integers")
 
 
 def table(rows: list[dict]) -> str:
@@ -354,14 +359,14 @@ def main(argv=None) -> int:
         args.model_config = str(ROOT / "model_configurations" / "model_config_ffhq.yaml")
     if args.image_size is None:
         args.image_size = 256 if device.type == "cuda" else 64
+    if args.parity:  # dcdp.py's own numerics on both sides: no TF32 switched on here
+        rows = parity(args, device)
+        print(parity_table(rows))
+        return 0 if all(r["within_0_05_db"] for r in rows) else 1
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if args.parity:
-        rows = parity(args, device)
-        print(parity_table(rows))
-        return 0 if all(r["within_0_05_db"] for r in rows) else 1
     if args.rows:
         plan = [(task, path, batch, rounds) for spec in args.rows for task, batch, rounds in [parse_row(spec, p)]
                 for path in args.paths]

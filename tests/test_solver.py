@@ -119,10 +119,14 @@ def test_adam_and_l1_run():
     assert (x - y).abs().max() < 0.1
 
 
-def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog):
-    """Without a CUDA device the capture cannot work: the steps run eagerly, with one warning."""
-    from guided_diffusion.solver import _sgd_closed_form, _sgd_closed_form_graphed, cuda_graph_failures
+def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog, monkeypatch):
+    """A capture that fails (simulated here, where there is no GPU) leaves the eager steps, with one warning."""
+    from guided_diffusion.solver import CudaGraphSGD, _sgd_closed_form, _sgd_closed_form_graphed, cuda_graph_failures
 
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CudaGraphSGD, "capture", refuse)
     op = get_operator("gaussian_blur", kernel_size=9, intensity=1.5)
     g = torch.Generator().manual_seed(3)
     y = op.forward(torch.rand(2, 3, 32, 32, generator=g))
@@ -132,4 +136,15 @@ def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog
         out = _sgd_closed_form_graphed(y, x0, op, {}, 10, 100.0, 0.9, 0.0)
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
     assert caplog.text.count("CUDA graph capture of the data-consistency steps failed") == 1
-    assert len(cuda_graph_failures(op)) == 1
+    assert cuda_graph_failures(op) == ["RuntimeError: operation not permitted when stream is capturing"]
+
+
+def test_operator_errors_are_not_taken_for_capture_failures():
+    """The warm-up steps run outside the capture: an operator's own error propagates unchanged."""
+    from guided_diffusion.solver import _sgd_closed_form_graphed, cuda_graph_failures
+
+    op = get_operator("super_resolution", scale_factor=4)
+    y = torch.zeros(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="not divisible by scale_factor"):
+        _sgd_closed_form_graphed(y, torch.zeros(1, 3, 30, 30), op, {}, 5, 100.0, 0.9, 0.0)
+    assert cuda_graph_failures(op) == []
