@@ -43,7 +43,10 @@ log = logging.getLogger("dcdp.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PRECISIONS = ("fp32", "bf16")
-RUN_LENGTH_KEYS = ("max_steps", "checkpoint_minutes")  # may change between a run and its resumption
+# May change between a run and its resumption: how long it runs, where it writes, and the learning-rate
+# decay that ends it (a run resumed to be annealed).
+RUN_LENGTH_KEYS = ("max_steps", "checkpoint_minutes", "out_dir", "model_config", "decay_start_step", "decay_steps",
+                   "min_lr")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 2e-4
     warmup_steps: int = 200                 # learning rate rises linearly over these steps
+    decay_start_step: int = 0               # with decay_steps > 0: cosine decay from lr to min_lr from this step
+    decay_steps: int = 0                    # length of the cosine decay (0: constant learning rate)
+    min_lr: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float = 1.0                  # max global gradient norm
     ema_decay: float = 0.999
@@ -113,8 +119,13 @@ def load_model_config(path: str | os.PathLike) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimiser step `step` (0-based): linear warm-up, then constant."""
-    return cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    """Learning rate of optimiser step `step` (0-based): linear warm-up, then constant; with decay_steps,
+    a cosine from there to min_lr over decay_steps steps starting at decay_start_step, then min_lr."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    if cfg.decay_steps > 0 and step >= cfg.decay_start_step:
+        t = min(1.0, (step - cfg.decay_start_step) / cfg.decay_steps)
+        lr = cfg.min_lr + (lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -239,7 +250,8 @@ def load_checkpoint(state: TrainState, path: str | os.PathLike, cfg: TrainConfig
     saved = {k: v for k, v in ckpt["train_config"].items() if k not in RUN_LENGTH_KEYS}
     now = {k: v for k, v in config_dict(cfg).items() if k not in RUN_LENGTH_KEYS}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if ckpt["model_config"] != dict(model_cfg):
+    if {k: v for k, v in ckpt["model_config"].items() if k != "model_path"} != {
+            k: v for k, v in dict(model_cfg).items() if k != "model_path"}:  # where the export goes may change
         diff.append("model_config contents")
     if diff:
         raise ValueError(f"--resume '{path}': the checkpoint was trained with different settings: {diff}")

@@ -157,6 +157,26 @@ def test_lr_warmup_and_ema_warmup():
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
 
 
+def test_cosine_decay_after_the_constant_phase():
+    cfg = TrainConfig(model_config="", lr=2e-4, warmup_steps=10, decay_start_step=100, decay_steps=50, min_lr=1e-5)
+    assert lr_at(99, cfg) == pytest.approx(2e-4) and lr_at(100, cfg) == pytest.approx(2e-4)
+    assert lr_at(125, cfg) == pytest.approx((2e-4 + 1e-5) / 2)
+    assert lr_at(150, cfg) == lr_at(10**6, cfg) == pytest.approx(1e-5)
+    assert all(lr_at(i, cfg) >= lr_at(i + 1, cfg) for i in range(100, 160))
+
+
+def test_a_run_can_be_resumed_to_be_annealed_elsewhere(tmp_path):
+    """Run length, output places and the final decay may change on resume; the recipe may not."""
+    cfg, model_cfg = tiny_setup(tmp_path, max_steps=2)
+    train(cfg, model_cfg, progress=False)
+    annealed = dataclasses.replace(cfg, max_steps=4, out_dir=str(tmp_path / "anneal"), decay_start_step=2,
+                                   decay_steps=2)
+    state = train(annealed, {**model_cfg, "model_path": str(tmp_path / "annealed.pt")},
+                  resume=tmp_path / "run" / "checkpoint.pt", progress=False)
+    assert state.step == 4 and (tmp_path / "annealed.pt").is_file()
+    assert (tmp_path / "anneal" / "checkpoint.pt").is_file()
+
+
 def test_diffusion_loss_noises_with_q_sample_and_compares_the_first_three_channels():
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(3, 3, 8, 8, generator=g) * 2 - 1
