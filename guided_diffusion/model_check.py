@@ -170,11 +170,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def compare_layout(state: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str:
-    """'' when keys and shapes agree, else a one-line summary of the differences."""
-    return describe_mismatch(state, expected)
-
-
 def _locate(entry: Entry, manifest: Manifest | None) -> Path:
     """The configured path, or a file next to it under one of the manifest's alias names."""
     if entry.path.is_file() or manifest is None:
@@ -207,7 +202,7 @@ def _check_entry(entry: Entry, manifests: list[Manifest], with_sha256: bool) -> 
     except CheckpointError as exc:
         row.update(layout="unreadable", detail=str(exc))
         return row
-    diff = compare_layout({k: tuple(v.shape) for k, v in sd.items()}, manifest.layout)
+    diff = describe_mismatch({k: tuple(v.shape) for k, v in sd.items()}, manifest.layout)
     alias_note = "" if path == entry.path else f"found under the alias name {path.name}"
     row.update(layout="mismatch" if diff else "match", detail=diff or alias_note)
     return row

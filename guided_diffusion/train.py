@@ -38,6 +38,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS
 from guided_diffusion.training_data import RandomCrops
 from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, REPO_ROOT, create_model
+from util.image_io import atomic_save_torch
 
 log = logging.getLogger("dcdp.train")
 
@@ -202,22 +203,9 @@ def train_step(state: TrainState, data: RandomCrops, cfg: TrainConfig, device: t
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside `path`, then os.replace: readers never see half a file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_checkpoint(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, path: str | os.PathLike) -> None:
     """The whole training state (model, EMA, optimiser, step, RNG states, configs, loss history)."""
-    atomic_save(
+    atomic_save_torch(
         {
             "step": state.step,
             "model": state.model.state_dict(),
@@ -235,7 +223,7 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, pat
 
 def export_ema(state: TrainState, path: str | os.PathLike) -> None:
     """The EMA weights as a plain name → float32 tensor dict, loadable by create_model(model_path=...)."""
-    atomic_save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.ema.items()}, path)
+    atomic_save_torch({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.ema.items()}, path)
 
 
 def config_dict(cfg: TrainConfig) -> dict:

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from util.image_io import DATASETS
+
+IMAGE_SUFFIXES = DATASETS["folder"].extensions  # what dcdp.py reads from a folder
 HELD_OUT = ("astronaut", "coffee")  # the evaluation images in data/demo/
 
 
@@ -86,9 +88,9 @@ def load_folder(path: str | os.PathLike) -> list[np.ndarray]:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"training data: folder '{path}' does not exist")
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+    files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"training data: no image files ({', '.join(IMAGE_SUFFIXES)}) in '{path}'")
+        raise ValueError(f"training data: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in '{path}'")
     images = []
     for f in files:
         with Image.open(os.path.join(path, f)) as im:
