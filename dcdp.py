@@ -172,7 +172,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from guided_diffusion.measurements import get_noise, get_operator
-    from guided_diffusion.priors import build_prior
+    from guided_diffusion.priors import build_prior, resolve_precision
     from guided_diffusion.solver import run_dcdp
     from util import run_outputs as out
     from util.image_io import ImageError, list_images, load_image
@@ -226,8 +226,7 @@ def run(args) -> int:
         "model": model_cfg, "seed": args.seed, "no_purification": args.no_purification,
         "dataset": {"name": dataset_name, "root": str(data_root)},
         # the network precision changes the numbers of pixel priors (the others ignore --precision)
-        "precision": (("fp16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision)
-        if prior_info["kind"] == "pixel" else None,
+        "precision": resolve_precision(device, args.precision) if prior_info["kind"] == "pixel" else None,
     }
     identity = json.loads(json.dumps(identity, default=str))
     config_file = root / "run_config.json"

@@ -22,13 +22,19 @@ PRIOR_KINDS = ("pixel", "latent", "consistency")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def autocast_context(device: torch.device, precision: str):
-    """Mixed precision for the network only. `auto` is the official behaviour: fp16 autocast on CUDA
-    (dcdp.py wraps purification in `torch.cuda.amp.autocast()`), plain fp32 elsewhere."""
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The network precision a setting means on `device`: `auto` is the official behaviour, fp16 autocast
+    on CUDA (dcdp.py wraps purification in `torch.cuda.amp.autocast()`), plain fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision '{precision}'; valid: {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str):
+    """Mixed precision for the network only (see `resolve_precision`)."""
+    precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

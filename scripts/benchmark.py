@@ -138,6 +138,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def capped_rounds(K: int, T_init: int, T_end: int, max_rounds: Optional[int]) -> tuple[int, int]:
+    """(K, T_end) for at most max_rounds outer iterations: the first rounds of the full linear schedule,
+    so T_end moves up to where the full schedule is after max_rounds rounds."""
+    if not max_rounds or K <= max_rounds:
+        return K, T_end
+    return max_rounds, max(T_end, T_init - (T_init - T_end) * max_rounds // K)
+
+
 _PRIORS: dict = {}
 
 
@@ -158,10 +166,7 @@ def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Option
     pcfg = load_purification_config(ROOT / "purification_configurations" / pur_file)
     settings = pcfg.settings()
     K_full = settings.K
-    max_rounds = max_rounds or args.max_rounds
-    if max_rounds and settings.K > max_rounds:
-        settings.K = max_rounds
-        settings.T_end = max(settings.T_end, settings.T_init - (settings.T_init - settings.T_end) * settings.K // K_full)
+    settings.K, settings.T_end = capped_rounds(K_full, settings.T_init, settings.T_end, max_rounds or args.max_rounds)
     size = args.image_size
     params = {k: v for k, v in tcfg.operator.items() if k != "name"}
     if tcfg.operator_name == "inpainting" and size != 256:  # the official hole, scaled to the image size
@@ -255,17 +260,13 @@ def table(rows: list[dict]) -> str:
 
 
 def _purification_copy(src: Path, dst_dir: Path, max_rounds: Optional[int], exact_transpose: bool) -> Path:
-    """A copy of a purification config with `exact_transpose` set and K capped at max_rounds (T_end moved
-    as bench_one does)."""
+    """A copy of a purification config with `exact_transpose` set and K capped at max_rounds (`capped_rounds`)."""
     import yaml
 
     raw = yaml.safe_load(src.read_text())
     raw["exact_transpose"] = exact_transpose
-    K = raw["total_num_iterations"]
-    if max_rounds and K > max_rounds:
-        T0, T1 = raw["ddim_init_timestep"], raw["ddim_end_timestep"]
-        raw["total_num_iterations"] = max_rounds
-        raw["ddim_end_timestep"] = max(T1, T0 - (T0 - T1) * max_rounds // K)
+    raw["total_num_iterations"], raw["ddim_end_timestep"] = capped_rounds(
+        raw["total_num_iterations"], raw["ddim_init_timestep"], raw.get("ddim_end_timestep", 0), max_rounds)
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / src.name
     dst.write_text(yaml.safe_dump(raw))
