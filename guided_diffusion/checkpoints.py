@@ -7,8 +7,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from util.errors import DCDPError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(DCDPError, RuntimeError):
     """A checkpoint is missing, unreadable or does not match the model."""
 
 

@@ -12,13 +12,13 @@ from typing import Any, Optional
 
 import yaml
 
+from util.errors import ConfigError  # noqa: F401  (re-exported)
+
 from .solver import DCDPSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class ConfigError(ValueError):
-    """A configuration file is missing, malformed or has unknown keys."""
 
 
 class _Loader(yaml.SafeLoader):

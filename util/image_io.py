@@ -34,10 +34,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from util.errors import DCDPError
+
 log = logging.getLogger(__name__)
 
 
-class ImageError(ValueError):
+class ImageError(DCDPError, ValueError):
     """An image file is missing, corrupt, truncated or of an unsupported kind."""
 
 
