@@ -57,8 +57,26 @@ def test_q_sample():
 
 
 def test_ddim_trajectory_and_output():
+    """`ddim_tk400_traj[i]` is x after the i-th of the 20 steps (t = 399, 378, ..., 0). ddim_denoise returns
+    only the last, so the trajectory is read off the network's inputs: step i + 1 is called on the x that
+    step i produced."""
     x = torch.from_numpy(DDIM["x_start"])
-    np.testing.assert_allclose(ddim_denoise(fake_model, x, 400, 20).numpy(), DDIM["ddim_tk400"], atol=1e-5)
+    seen = []
+
+    def recording_model(x_t, t):
+        seen.append((int(t[0]), x_t.clone()))
+        return fake_model(x_t, t)
+
+    out = ddim_denoise(recording_model, x, 400, 20)
+    traj = DDIM["ddim_tk400_traj"]
+    assert traj.shape == (20, 1, 3, 32, 32)
+    assert [t for t, _ in seen] == ddim_timesteps(400, 20)[::-1]
+    np.testing.assert_array_equal(seen[0][1].numpy(), DDIM["x_start"])       # the first call sees the input
+    got = torch.stack([x_t for _, x_t in seen[1:]] + [out]).numpy()          # x after each step
+    for i in range(20):
+        np.testing.assert_allclose(got[i], traj[i], rtol=0, atol=1e-5, err_msg=f"after step {i} (t = {seen[i][0]})")
+    np.testing.assert_array_equal(traj[-1], DDIM["ddim_tk400"])              # the golden's own consistency
+    np.testing.assert_allclose(out.numpy(), DDIM["ddim_tk400"], atol=1e-5)
 
 
 def test_full_purification_step():
