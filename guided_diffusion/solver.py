@@ -239,6 +239,7 @@ class DCDPSettings:
     weight_decay_lambda: float = 0.0   # used only when use_weight_decay
     purify: bool = True          # False: data consistency alone (a baseline), same number of steps
     final_tau: Optional[int] = None    # steps of the last round (None: tau)
+    final_dc_iterations: int = 0       # data-consistency steps after the last purification (0: none)
     exact_transpose: bool = False
     cuda_graphs: bool = False    # with exact_transpose on CUDA: data-consistency steps replayed from a CUDA graph
 
@@ -277,6 +278,10 @@ def run_dcdp(
     `callback(k, T_k, x_before, x_after)` is called after every round (for progress and curves).
     With `check_finite`, each round ends with one host synchronisation to record images whose iterate
     became NaN/Inf (they keep running; their neighbours in the batch are unaffected).
+    With `settings.final_dc_iterations` n > 0, n more data-consistency steps (same lr, momentum, optimiser,
+    loss and flags as the rounds) run from the last purified x after the loop: `x` is their output,
+    `x_before` stays the last round's data-consistency iterate, `dc_steps` counts them, `nfe` is unchanged,
+    and an image that becomes NaN/Inf there is recorded with `failed_at` = K.
     """
     timesteps = settings.timesteps()
     image = to_image or (lambda v: v)
@@ -310,6 +315,19 @@ def run_dcdp(
                     failed_at[b] = k
         if callback is not None:
             callback(k, T_k, x_before, x)
+    if settings.final_dc_iterations > 0:
+        # A final data-consistency phase after the last purification (x_before stays the last round's).
+        x = data_consistency(
+            y, x, forward, settings.final_dc_iterations, settings.lr, settings.momentum, settings.optimizer,
+            settings.loss, settings.weight_decay_lambda, operator_state=operator_state, exact_transpose=exact,
+            cuda_graph=settings.cuda_graphs,
+        )
+        dc_steps += settings.final_dc_iterations
+        if check_finite:
+            bad = (~torch.isfinite(x.flatten(1)).all(dim=1)).tolist()
+            for b in range(B):
+                if bad[b] and failed_at[b] is None:
+                    failed_at[b] = len(timesteps)
     return DCDPResult(
         x=image(x).detach(), x_before=image(x_before).detach(), nfe=nfe, dc_steps=dc_steps,
         failed_at=failed_at, iterates=iterates,

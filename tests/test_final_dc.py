@@ -1,0 +1,80 @@
+"""`DCDPSettings.final_dc_iterations`: a final data-consistency phase after the last purification.
+
+With the default 0 the loop is unchanged (bit-identical output, same counters); with n > 0 the output is
+exactly `data_consistency` run for n steps (same lr, momentum, optimiser, loss, flags) from the
+no-final-DC output, `x_before` stays the last round's data-consistency iterate, `dc_steps` grows by n and
+`nfe` does not change.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from guided_diffusion.measurements import get_operator
+from guided_diffusion.solver import DCDPSettings, data_consistency, run_dcdp
+
+
+class ShrinkPurifier:
+    """A deterministic stand-in for a prior: x ↦ 0.9·x + 0.01·ε (ε from the images' generators), one NFE."""
+
+    def purify(self, x, T_k, generators, k=0, K=1):
+        noise = torch.cat([torch.randn(x[:1].shape, generator=g) for g in generators])
+        return 0.9 * x + 0.01 * noise
+
+    def nfe(self, T_k):
+        return 1
+
+
+def problem():
+    op = get_operator("super_resolution", device=torch.device("cpu"), in_shape=[2, 3, 16, 16], scale_factor=4)
+    gt = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    y = op.forward(gt) + 0.05 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    return op, y
+
+
+def solve(op, y, settings):
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    return run_dcdp(y, op, ShrinkPurifier(), settings, gens, torch.zeros(2, 3, 16, 16))
+
+
+BASE = dict(K=4, tau=5, lr=50.0, T_init=200, T_end=0, momentum=0.9)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_default_is_unchanged(exact):
+    op, y = problem()
+    settings = DCDPSettings(**BASE, exact_transpose=exact)
+    assert settings.final_dc_iterations == 0
+    a = solve(op, y, settings)
+    b = solve(op, y, dataclasses.replace(settings, final_dc_iterations=0))
+    assert torch.equal(a.x, b.x) and torch.equal(a.x_before, b.x_before)
+    assert (a.nfe, a.dc_steps) == (b.nfe, b.dc_steps) == (4, 20)
+
+
+@pytest.mark.parametrize("exact,optimizer", [(False, "SGD"), (True, "SGD"), (False, "Adam")])
+def test_final_phase_is_data_consistency_of_the_plain_output(exact, optimizer):
+    op, y = problem()
+    lr = 0.05 if optimizer == "Adam" else BASE["lr"]
+    plain = DCDPSettings(**{**BASE, "lr": lr}, optimizer=optimizer, exact_transpose=exact)
+    n = 7
+    a = solve(op, y, plain)
+    b = solve(op, y, dataclasses.replace(plain, final_dc_iterations=n))
+    expected = data_consistency(y, a.x, op, n, lr, plain.momentum, optimizer, plain.loss,
+                                exact_transpose=exact)
+    assert torch.equal(b.x, expected)
+    assert not torch.equal(b.x, a.x)
+    assert torch.equal(b.x_before, a.x_before)        # the last DC iterate before the last purification
+    assert b.nfe == a.nfe and b.dc_steps == a.dc_steps + n
+    assert b.failed_at == [None, None]
+
+
+def test_non_finite_in_final_phase_is_recorded():
+    """An image that becomes NaN/Inf only in the final phase is recorded at outer iteration K."""
+    op, y = problem()
+    settings = DCDPSettings(K=1, tau=1, lr=1e5, T_init=10)   # one step: finite; 2000 more: divergent
+    assert solve(op, y, settings).failed_at == [None, None]
+    r = solve(op, y, dataclasses.replace(settings, final_dc_iterations=2000))
+    assert not torch.isfinite(r.x).all()
+    assert r.failed_at == [1, 1]
