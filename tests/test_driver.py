@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 import dcdp
+from tests.test_demo_numbers import demo_threads  # noqa: F401  (a fixture)
 
 TINY_UNET = {
     "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "learn_sigma": True,
@@ -188,15 +189,23 @@ def test_end_to_end_nonlinear_deblur_with_reduced_random_network(setup):
     torch.testing.assert_close(kernel, 1.2 * torch.randn(1, 128, 2, 2, generator=g))
 
 
-def test_default_command_runs_the_demo(tmp_path, capsys):
-    """`python dcdp.py` with no configuration: the demo task with the shipped demo prior (one image here)."""
-    assert dcdp.main(["--max_images", "1", "--save_dir", str(tmp_path), "--no_curves", "--quiet", "--device", "cpu"]) == 0
+def test_default_command_runs_the_demo(tmp_path, capsys, demo_threads):
+    """`python dcdp.py` with no configuration: the super-resolution demo with the shipped demo prior on both
+    held-out images, whose mean PSNR / SSIM are the README's (tests/test_demo_numbers.py, EXPECTED)."""
+    from tests.test_demo_numbers import EXPECTED, PSNR_TOL, SSIM_TOL
+
+    assert dcdp.main(["--save_dir", str(tmp_path), "--no_curves", "--quiet", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "outputs:" in printed and "mean PSNR" in printed
-    root = next(tmp_path.glob("super_resolution/folder/*/*"))
+    summaries = list(tmp_path.rglob("summary.json"))  # the run folder's name is the driver's business
+    assert len(summaries) == 1
+    root = summaries[0].parent
     rows = list(csv.DictReader(open(root / "metrics.csv")))
-    assert rows[0]["status"] == "ok" and float(rows[0]["psnr"]) > 20  # a trained prior, not random weights
+    assert [r["status"] for r in rows] == ["ok", "ok"]
     summary = json.loads((root / "summary.json").read_text())
+    psnr_expected, ssim_expected = EXPECTED["super_resolution"]  # a trained prior, not random weights
+    assert abs(summary["metrics"]["psnr"]["mean"] - psnr_expected) <= PSNR_TOL
+    assert abs(summary["metrics"]["ssim"]["mean"] - ssim_expected) <= SSIM_TOL
     assert len(summary["checkpoint_sha256"]) == 64
 
 

@@ -1,0 +1,63 @@
+"""The five demo tasks pinned to the numbers of the README's demo table, column (c) "DCDP".
+
+Each task runs the shipped demo configs through the driver (`dcdp.main`) on the two held-out images of
+data/demo with the embedded demo prior, exactly as `make eval-demo` does, and its mean PSNR / SSIM must
+equal the README's within the README's rounding (PSNR to 2 decimals, SSIM to 3): |ΔPSNR| ≤ 0.05 dB,
+|ΔSSIM| ≤ 0.005. Whoever retunes a demo config or retrains the demo prior updates EXPECTED below and
+the README table together (`python scripts/eval_demo.py` prints the new numbers).
+
+These are the slow tests of the suite: about 70 s per task (two 256x256 images) on this repository's
+2-core CPU with 2 threads, 5 minutes for the five; they run in CI. The suite's conftest runs the tiny
+models on one thread; these full-size runs use up to 4 (as `make eval-demo`, which measured the README).
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import dcdp
+
+# task -> (mean PSNR dB, mean SSIM): README.md, "The offline demo", column (c) DCDP PSNR / SSIM.
+EXPECTED = {
+    "super_resolution": (24.57, 0.707),
+    "gaussian_deblur": (24.44, 0.701),
+    "motion_deblur": (23.30, 0.561),
+    "inpainting": (20.86, 0.790),
+    "denoising": (34.18, 0.876),
+}
+PSNR_TOL = 0.05
+SSIM_TOL = 0.005
+
+
+def run_demo(task: str, save_dir: Path) -> dict:
+    argv = ["--task_config", f"task_configurations/demo/{task}.yaml",
+            "--purification_config", f"purification_configurations/demo/{task}.yaml",
+            "--model_config", "model_configurations/model_config_demo.yaml",
+            "--save_dir", str(save_dir), "--no_curves", "--quiet", "--device", "cpu"]
+    assert dcdp.main(argv) == 0
+    summaries = list(save_dir.rglob("summary.json"))  # the run folder's name is the driver's business
+    assert len(summaries) == 1, summaries
+    return json.loads(summaries[0].read_text())
+
+
+@pytest.fixture
+def demo_threads():
+    """Up to 4 threads for the full-size demo runs (conftest sets 1 for the tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED))
+def test_demo_task_matches_readme(task, tmp_path, monkeypatch, demo_threads):
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the configs use repository-relative paths
+    summary = run_demo(task, tmp_path / "out")
+    psnr_expected, ssim_expected = EXPECTED[task]
+    metrics = summary["metrics"]
+    assert summary["ok"] == 2 and metrics["psnr"]["n"] == 2  # both held-out images (astronaut, coffee)
+    psnr_mean, ssim_mean = metrics["psnr"]["mean"], metrics["ssim"]["mean"]
+    assert abs(psnr_mean - psnr_expected) <= PSNR_TOL, f"{task}: PSNR {psnr_mean:.3f}, README says {psnr_expected}"
+    assert abs(ssim_mean - ssim_expected) <= SSIM_TOL, f"{task}: SSIM {ssim_mean:.4f}, README says {ssim_expected}"
