@@ -11,20 +11,24 @@ algorithm is in guided_diffusion/solver.py.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from guided_diffusion.checkpoints import CheckpointError
 from guided_diffusion.config import (
-    REPO_ROOT, ConfigError, load_model_config, load_purification_config, load_task_config, resolve_path,
+    REPO_ROOT, Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
+    load_purification_config, load_task_config, parse_overrides, resolve_path,
 )
+from util.errors import ConfigError, DCDPError, RunFolderError
 
 log = logging.getLogger("dcdp")
 
@@ -37,10 +41,31 @@ DEMO = {
 
 EXIT_FAILED_IMAGES = 3
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other user error of dcdp.py."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (python dcdp.py --help lists the options)\n")
+
+
+# The official DCDP-LDM driver's flags (upstream-dcdp.md §3.1, §8): purification settings given on the
+# command line. Values are read as the official argparse did (strings; full_ddim "True"/"False").
+LDM_FLAGS = ("full_ddim", "total_num_iterations", "csgm_num_iterations", "ddim_init_timestep", "ddim_end_timestep",
+             "purification_schedule", "ddim_eta", "ddim_num_iterations", "save_every_main", "save_every_sub",
+             "optimizer", "lr", "momentum", "data_consistency_type")
+# --ldm_config names an official latent-diffusion config; these are ours for the same networks.
+LDM_CONFIGS = {"ffhq-ldm-vq-4.yaml": "model_configurations/model_config_ldm_ffhq.yaml",
+               "cin256-v2.yaml": "model_configurations/model_config_ldm_imagenet.yaml"}
+DEFAULT_LDM_CONFIG = "ffhq-ldm-vq-4.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="key=value arguments after the options override any key of the three files: "
+                                       "purification.lr=1e4 measurement.noise.sigma=0.05 model.model_path=/ckpt.pt")
     p.add_argument("--task_config", help="task YAML (measurement operator and noise)")
     p.add_argument("--purification_config", help="purification YAML (DCDP hyper-parameters, dataset)")
     p.add_argument("--model_config", help="model YAML (network and checkpoint)")
@@ -52,8 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=None,
                    help="images restored together (results do not depend on it); default 1, 8 with --fast")
     p.add_argument("--data_root", default=None, help="override the dataset root of the purification config")
-    p.add_argument("--dataset", default=None, help="override the dataset name (ffhq, ImageNet, folder)")
+    p.add_argument("--dataset", default=None, help="override the dataset name (ffhq, celeb, ImageNet, folder)")
     p.add_argument("--resume", action="store_true", help="skip images whose outputs are complete")
+    p.add_argument("--random_weights", action="store_true",
+                   help="run the network with random weights (no checkpoint; for testing); the run is marked so")
     p.add_argument("--save_iterates", action="store_true", help="keep every iterate (official x_list_complete.pt)")
     p.add_argument("--no_purification", action="store_true", help="data consistency alone (a baseline)")
     p.add_argument("--no_curves", action="store_true", help="skip per-round metrics and the curve figures")
@@ -73,26 +100,83 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and on CUDA bf16 + --cuda_graphs")
     p.add_argument("--check_models", action="store_true", help="list the checkpoints the shipped configs name and exit")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
-    args = p.parse_args(argv)
-    given = [args.task_config, args.purification_config, args.model_config]
-    if not any(given):
+    ldm = p.add_argument_group("official DCDP-LDM flags", "purification settings as the official DCDP-LDM driver "
+                               "takes them; without --purification_config they start from its defaults")
+    for flag in LDM_FLAGS:
+        ldm.add_argument(f"--{flag}", default=None, metavar="VALUE")
+    ldm.add_argument("--ldm_config", default=None, metavar="FILE",
+                     help="official latent-diffusion config name: ffhq-ldm-vq-4.yaml (FFHQ LDM) or cin256-v2.yaml (ImageNet)")
+    ldm.add_argument("--diffusion_config", default=None, metavar="CKPT", help="the LDM checkpoint (model.model_path)")
+    ldm.add_argument("--z_dim", default=None, metavar="SHAPE", help="latent shape; only (1,3,64,64), as the official LDMs")
+    ldm.add_argument("--verbose", default=None, metavar="BOOL", help="accepted for compatibility (progress is always shown)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the task, purification or model file")
+    args = p.parse_intermixed_args(argv)
+    for bad in [o for o in args.overrides if "=" not in o]:
+        p.error(f"unexpected argument '{bad}'; overrides are key=value, e.g. purification.lr=1e4")
+    if args.max_images is not None and args.max_images < 1:
+        p.error(f"--max_images must be >= 1, got {args.max_images}")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    args.ldm_flags = {f: getattr(args, f) for f in LDM_FLAGS if getattr(args, f) is not None}
+    ldm_mode = bool(args.ldm_flags or args.ldm_config or args.diffusion_config or args.z_dim)
+    args.ldm_driver = False
+    if not any([args.task_config, args.purification_config, args.model_config]) and not ldm_mode:
         for k, v in DEMO.items():
             if k != "save_dir" or args.save_dir is None:
                 setattr(args, k, v)
-    elif not all(given):
-        p.error("--task_config, --purification_config and --model_config go together (or give none for the demo)")
+    elif not args.task_config:
+        p.error("--task_config is needed (with --purification_config and --model_config; or give none for the demo)")
+    elif args.model_config and args.ldm_config:
+        p.error("give --model_config or --ldm_config, not both")
+    elif not args.model_config and not args.ldm_config and args.purification_config:
+        p.error("--model_config is needed with --purification_config (or --ldm_config for a latent-diffusion prior)")
+    if args.task_config and not args.model_config:  # the official DCDP-LDM driver: its default LDM
+        args.ldm_driver = True
+        name = Path(args.ldm_config or DEFAULT_LDM_CONFIG).name
+        if name not in LDM_CONFIGS:
+            p.error(f"--ldm_config '{args.ldm_config}': unknown latent-diffusion config; valid: {', '.join(LDM_CONFIGS)}")
+        args.model_config = LDM_CONFIGS[name]
+        if args.save_dir is None and name == "cin256-v2.yaml":
+            args.save_dir = "./purification_results_imagenet"  # as the official dcdp_imagenet.py
     if args.save_dir is None:
         args.save_dir = "./purification_results"
     return args
 
 
+def ldm_flag_values(args) -> dict:
+    """The DCDP-LDM flags as config values: --full_ddim and the others are strings in the official driver."""
+    values = dict(args.ldm_flags)
+    if "full_ddim" in values:
+        text = values["full_ddim"]
+        if text not in ("True", "False", "true", "false"):
+            raise ConfigError(f"--full_ddim {text!r}: use True or False (as the official DCDP-LDM driver)")
+        values["full_ddim"] = text in ("True", "true")
+    if args.z_dim is not None:
+        digits = [int(t) for t in "".join(c if c.isdigit() else " " for c in args.z_dim).split()]
+        if digits != [1, 3, 64, 64]:
+            raise ConfigError(f"--z_dim {args.z_dim!r}: the official latent-diffusion priors have latents (1,3,64,64); "
+                              f"leave --z_dim out")
+    return values
+
+
 def pick_device(args) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", args.gpu))
-    if args.device == "auto":
+    name = args.device
+    if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(args.device)
+    try:
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def apply_fast(args, device: torch.device) -> None:
@@ -122,6 +206,9 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.active = self.world > 1
+        # the ranks of one torchrun share their run's folder lock
+        self.run_id = (os.environ.get("TORCHELASTIC_RUN_ID")
+                       or f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}") if self.active else None
         if self.active:
             import torch.distributed as dist
 
@@ -136,6 +223,27 @@ class Distributed:
 
             dist.barrier()
 
+    def agree(self, step):
+        """Run `step()` on every rank; if it raises a user error on any rank, every rank raises it."""
+        error, value = None, None
+        try:
+            value = step()
+        except DCDPError as exc:
+            error = exc
+        if self.active:
+            import torch.distributed as dist
+
+            errors = [None] * self.world
+            dist.all_gather_object(errors, None if error is None else str(error))
+            first = next((e for e in errors if e is not None), None)
+            if first is not None and error is None:
+                if value is not None and hasattr(value, "release"):
+                    value.release()
+                raise RunFolderError(first)
+        if error is not None:
+            raise error
+        return value
+
     def close(self) -> None:
         if self.active:
             import torch.distributed as dist
@@ -144,7 +252,10 @@ class Distributed:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     if args.check_models:
         from guided_diffusion.model_check import check_models, format_check_table
@@ -154,11 +265,12 @@ def main(argv=None) -> int:
         return 1 if any(r["layout"] in ("mismatch", "unreadable", "config error") for r in rows) else 0
     try:
         return run(args)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    except DCDPError as exc:
         log.error(f"error: {exc}")
         return EXIT_BAD_INPUT
     except Exception as exc:
-        if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        compiled = args.compile or args.cuda_graphs
+        if not (compiled and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))):
             raise
         cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
@@ -168,23 +280,62 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class RunContext:
+    """Everything a run needs, built and checked once before any image is restored or any file written."""
 
+    args: argparse.Namespace
+    device: torch.device
+    task: TaskConfig
+    purification: PurificationConfig
+    model_config: dict
+    settings: object          # DCDPSettings
+    operator: object
+    noiser: object
+    prior: object
+    prior_info: dict
+    dataset_name: str
+    data_root: str
+    files: list               # every image of the dataset, sorted; image i is files[i]
+    selected: list            # the indices this run restores (all ranks), after --max_images
+    identity: dict
+    root: Path
+    random_weights: bool
+
+
+def load_configs(args):
+    """The three files, with the DCDP-LDM flags and the key=value overrides applied, all checked."""
+    overrides = parse_overrides(args.overrides)
+    task = load_task_config(args.task_config, overrides)
+    flags = ldm_flag_values(args)
+    if args.purification_config:
+        pur = load_purification_config(args.purification_config, overrides, dataset_fallback=task.data)
+        if flags:  # the LDM flags override the file, as an override would
+            pur = load_purification_config(
+                args.purification_config,
+                overrides + [Override(f"--{k}", "purification", ("purification", k), v) for k, v in flags.items()],
+                dataset_fallback=task.data)
+    else:
+        pur = ldm_driver_purification(flags, overrides, dataset_fallback=task.data)
+        log.info("note: no --purification_config: the official DCDP-LDM driver's defaults and flags are used")
+    model_overrides = list(overrides)
+    if args.diffusion_config:
+        model_overrides.append(Override("--diffusion_config", "model", ("model_path",), args.diffusion_config))
+    model_cfg = load_model_config(args.model_config, model_overrides, random_weights=args.random_weights)
+    return task, pur, model_cfg
+
+
+def build_context(args, device: torch.device, dist: "Distributed") -> RunContext:
     from guided_diffusion.measurements import get_noise, get_operator
     from guided_diffusion.priors import build_prior, resolve_precision
-    from guided_diffusion.solver import run_dcdp
     from util import run_outputs as out
-    from util.image_io import ImageError, list_images, load_image
-    from util.metrics import LPIPS, psnr, ssim
+    from util.image_io import list_images
 
-    device = pick_device(args)
-    apply_fast(args, device)
-    task = load_task_config(args.task_config)
-    pur = load_purification_config(args.purification_config)
-    model_cfg = load_model_config(args.model_config)
+    task, pur, model_cfg = load_configs(args)
     for key in task.ignored:
         log.info(f"note: task config block '{key}' is not used by DCDP (as in the official code)")
+    for note in task.notes:
+        log.info(note)
     settings = pur.settings(purify=False if args.no_purification else None)
     if args.exact_transpose:
         settings.exact_transpose = True
@@ -193,147 +344,282 @@ def run(args) -> int:
         log.warning("note: --cuda_graphs has no effect without a CUDA device")
     dataset_name = args.dataset or pur.dataset_name
     data_root = args.data_root or pur.dataset_root
+    from util.image_io import DATASETS
 
-    # Build everything that can fail before doing any work.
+    if dataset_name not in DATASETS:
+        raise ConfigError(f"--dataset {dataset_name!r} is not allowed; use one of {', '.join(DATASETS)}")
+
     op_params = {k: v for k, v in task.operator.items() if k != "name"}
-    operator = get_operator(task.operator_name, device=device, **op_params)
+    try:
+        operator = get_operator(task.operator_name, device=device, **op_params)
+        noiser = get_noise(task.noise["name"], **{k: v for k, v in task.noise.items() if k != "name"})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"task config '{args.task_config}': {exc}") from None
     if args.channels_last and hasattr(operator, "channels_last"):
         operator.channels_last()  # a network inside the operator (nonlinear blur)
-    noise_params = {k: v for k, v in task.noise.items() if k != "name"}
-    noiser = get_noise(task.noise["name"], **noise_params)
-    if model_cfg.get("model_path") is None:
-        log.warning(f"warning: '{args.model_config}' has no model_path: the network has RANDOM weights")
+    random_weights = model_cfg.get("model_path") is None
+    if random_weights:
+        log.warning(f"warning: '{args.model_config}' runs with RANDOM weights (model_path: null or --random_weights); "
+                    f"the run folder and summary say so")
     else:
-        model_cfg["model_path"] = str(resolve_path(model_cfg["model_path"]))
+        model_cfg["model_path"] = str(resolve_path(model_cfg["model_path"]).resolve())
     if getattr(operator, "random_weights", False):
         log.warning(f"warning: operator '{task.operator_name}' uses RANDOM network weights")
-    prior, prior_info = build_prior(
-        model_cfg, full_ddim=pur.full_ddim, ddim_num_iterations=pur.ddim_num_iterations, device=device,
-        precision=args.precision, compile_model="reduce-overhead" if settings.cuda_graphs else args.compile,
-        channels_last=args.channels_last,
-        purification=pur.prior_options(),
-    )
-    files = list_images(resolve_path(data_root), dataset_name)
-    if args.max_images is not None:
-        files = files[: args.max_images]
-    dist = Distributed(device)
+    try:
+        prior, prior_info = build_prior(
+            model_cfg, full_ddim=pur.full_ddim, ddim_num_iterations=pur.ddim_num_iterations, device=device,
+            precision=args.precision, compile_model="reduce-overhead" if settings.cuda_graphs else args.compile,
+            channels_last=args.channels_last, purification=pur.prior_options())
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model config '{args.model_config}': {exc}") from None
+    multiple = getattr(prior, "size_multiple", None)
+    if pur.image_size is not None and multiple and pur.image_size % multiple:
+        raise ConfigError(f"purification config '{args.purification_config}': others.img_size {pur.image_size} is not "
+                          f"a multiple of {multiple}, the network's downsampling factor; use e.g. "
+                          f"{max(multiple, pur.image_size // multiple * multiple)}")
+    root_path = resolve_path(data_root)
+    try:
+        files = list_images(root_path, dataset_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    selected = list(range(len(files)))[: args.max_images]
 
-    root = out.run_dir_name(args.save_dir, task.operator_name, dataset_name, task.sigma, settings, pur.full_ddim,
-                            pur.ddim_num_iterations, suffix=prior_info.get("run_suffix", ""))
+    checkpoint = model_cfg.get("model_path")
+    from guided_diffusion.model_check import sha256_file
+
+    listing = "\n".join(str(Path(f).relative_to(root_path)) if Path(f).is_relative_to(root_path) else str(f)
+                        for f in files)
     identity = {
         "task": {"operator": task.operator, "noise": task.noise},
-        "purification": {k: v for k, v in pur.raw.items() if k not in ("save_every_main", "save_every_sub")},
-        "model": model_cfg, "seed": args.seed, "no_purification": args.no_purification,
-        "dataset": {"name": dataset_name, "root": str(data_root)},
+        "purification": pur.resolved(),
+        "model": model_cfg,
+        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
+        "random_weights": random_weights or bool(getattr(operator, "random_weights", False)),
+        "seed": args.seed, "no_purification": args.no_purification,
+        "dataset": {"name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
+                    "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         # the network precision changes the numbers of pixel priors (the others ignore --precision)
         "precision": resolve_precision(device, args.precision) if prior_info["kind"] == "pixel" else None,
+        "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
+                  "compile": bool(args.compile or settings.cuda_graphs), "cuda_graphs": settings.cuda_graphs},
     }
     identity = json.loads(json.dumps(identity, default=str))
-    config_file = root / "run_config.json"
-    if args.resume and config_file.is_file():  # every rank checks, so none waits for a rank that refused
-        previous = json.loads(config_file.read_text())
-        previous.setdefault("precision", identity["precision"])  # records made before it was recorded
-        if previous != identity:
-            changed = sorted(k for k in identity if previous.get(k) != identity.get(k))
-            raise ConfigError(
-                f"--resume: '{config_file}' was made with different settings ({', '.join(changed)}); "
-                f"use the same configs or another --save_dir")
-    dist.barrier()  # all ranks have read the old record before rank 0 replaces it
-    out.make_dirs(root, args.save_iterates)
-    if dist.rank == 0:
-        out.atomic_write_text(config_file, json.dumps(identity, indent=1))
+    identity["purification"]["dataset"]["root"] = identity["dataset"]["root"]
+    suffix = "_".join(x for x in (prior_info.get("run_suffix", ""), "random_weights" if identity["random_weights"] else "")
+                      if x)
+    root = out.run_dir_name(args.save_dir, task.operator_name, dataset_name, task.sigma, settings, pur.full_ddim,
+                            pur.ddim_num_iterations, suffix=suffix, identity=identity)
+    return RunContext(args=args, device=device, task=task, purification=pur, model_config=model_cfg,
+                      settings=settings, operator=operator, noiser=noiser, prior=prior, prior_info=prior_info,
+                      dataset_name=dataset_name, data_root=str(data_root), files=files, selected=selected,
+                      identity=identity, root=root, random_weights=identity["random_weights"])
 
-    saved_run_state = operator.saved_state()
-    if saved_run_state and dist.rank == 0:
-        out.atomic_save_torch({k: v.cpu() for k, v in saved_run_state.items()}, root / "operator_state.pt")
-    indices = dist.shard(list(range(len(files))))
-    todo = [i for i in indices if not (args.resume and out.image_complete(root, i))]
+
+def open_run_folder(ctx: RunContext, dist: "Distributed"):
+    """Create the run folder, take its lock and record its identity; refuse a folder of another run.
+
+    Returns the held lock. torchrun: rank 0 takes the lock, the other ranks join it.
+    """
+    from util.run_lock import RunLock
+
+    save_dir = Path(ctx.args.save_dir)
+    for parent in (save_dir, *save_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"--save_dir '{save_dir}': '{parent}' is a file, not a folder; give another --save_dir")
+    if dist.rank == 0:
+        try:
+            ctx.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunFolderError(f"--save_dir '{save_dir}': cannot create '{ctx.root}' ({exc.strerror}); give a "
+                                 f"writable --save_dir") from None
+        if not os.access(ctx.root, os.W_OK):
+            raise RunFolderError(f"--save_dir '{save_dir}': '{ctx.root}' is not writable; give a writable --save_dir")
+        return RunLock(ctx.root, shared_id=dist.run_id).acquire()
+    return None
+
+
+def check_run_folder(ctx: RunContext, dist: "Distributed") -> None:
+    """Refuse a folder whose `run_config.json` records other settings; else record ours (rank 0)."""
+    from util import run_outputs as out
+
+    config_file = ctx.root / "run_config.json"
+    if config_file.is_file():
+        try:
+            previous = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous != ctx.identity:
+            changed = sorted(k for k in ctx.identity
+                             if not isinstance(previous, dict) or previous.get(k) != ctx.identity.get(k))
+            raise RunFolderError(
+                f"run folder '{ctx.root}' holds a run with other settings ({', '.join(changed)}) in "
+                f"'{config_file}'; move that folder away or use another --save_dir")
+    if dist.rank == 0:
+        out.make_dirs(ctx.root, ctx.args.save_iterates)
+        if not config_file.is_file():
+            out.atomic_write_text(config_file, json.dumps(ctx.identity, indent=1))
+        saved_run_state = ctx.operator.saved_state()
+        if saved_run_state:
+            out.atomic_save_torch({k: v.cpu() for k, v in saved_run_state.items()}, ctx.root / "operator_state.pt")
+
+
+def run(args) -> int:
+    device = pick_device(args)
+    apply_fast(args, device)
+    dist = Distributed(device)
+    lock = None
+    try:
+        ctx = build_context(args, device, dist)
+        lock = dist.agree(lambda: open_run_folder(ctx, dist))
+        if lock is None:  # torchrun ranks >= 1 join rank 0's lock
+            from util.run_lock import RunLock
+
+            lock = RunLock(ctx.root, shared_id=dist.run_id, create=False).acquire()
+        dist.agree(lambda: check_run_folder(ctx, dist))
+        code = restore_all(ctx, dist)
+        if code != EXIT_INTERRUPTED:
+            dist.barrier()
+        return code
+    finally:
+        if lock is not None:
+            lock.release()
+        dist.close()
+
+
+def restore_all(ctx: RunContext, dist: "Distributed") -> int:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from util import run_outputs as out
+    from util.metrics import LPIPS
+
+    args = ctx.args
+    indices = dist.shard(ctx.selected)
+    todo = [i for i in indices if not (args.resume and out.image_complete(ctx.root, i, ctx.files[i]))]
     if len(todo) < len(indices):
         log.info(f"resume: {len(indices) - len(todo)} image(s) already complete, {len(todo)} to do")
-    log.info(f"{len(files)} image(s) from '{data_root}' → {root}  (device {device}, prior {prior_info['kind']})")
-
-    lpips = LPIPS(device)
-    image_size = pur.image_size
+    log.info(f"{len(ctx.selected)} image(s) from '{ctx.data_root}' → {ctx.root}  (device {ctx.device}, prior "
+             f"{ctx.prior_info['kind']})")
+    lpips = LPIPS(ctx.device)
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
-    batch_size = max(1, args.batch_size or 1)
+    batch_size = args.batch_size or 1
     psnr_running: list[float] = []
     pos = 0
-    while pos < len(todo):
-        batch = todo[pos: pos + batch_size]
+    interrupted = False
+    with logging_redirect_tqdm(loggers=[log]):
         try:
-            done = restore_batch(batch, files, args, device, dataset_name, image_size, operator, noiser, prior,
-                                 settings, root, lpips, psnr, ssim, load_image, ImageError, out, run_dcdp)
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            torch.cuda.empty_cache()
-            batch_size = max(1, batch_size // 2)
-            log.warning(f"out of GPU memory: retrying with --batch_size {batch_size}")
-            continue
-        for rec in done:
-            if rec.get("psnr") is not None:
-                psnr_running.append(rec["psnr"])
-        pos += len(batch)
-        bar.update(len(batch))
-        if psnr_running:
-            bar.set_postfix(psnr=f"{sum(psnr_running) / len(psnr_running):.2f}")
+            while pos < len(todo):
+                batch = todo[pos: pos + batch_size]
+                try:
+                    done = restore_batch(ctx, batch, lpips)
+                except torch.cuda.OutOfMemoryError:
+                    if batch_size == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    batch_size = max(1, batch_size // 2)
+                    log.warning(f"out of GPU memory: retrying with --batch_size {batch_size}")
+                    continue
+                psnr_running += [r["psnr"] for r in done if r.get("psnr") is not None]
+                pos += len(batch)
+                bar.update(len(batch))
+                if psnr_running:
+                    bar.set_postfix(psnr=f"{sum(psnr_running) / len(psnr_running):.2f}")
+        except KeyboardInterrupt:
+            interrupted = True
     bar.close()
-
-    dist.barrier()
-    code = 0
-    if dist.rank == 0:
-        meta = {
-            "run_dir": str(root), "configs": {"task": str(args.task_config), "purification": str(args.purification_config),
-                                              "model": str(args.model_config)},
-            "resolved": identity, "versions": versions(), "device": str(device), "precision": args.precision,
-            "world_size": dist.world, "lpips": lpips.status,
-        }
-        ckpt = model_cfg.get("model_path")
-        if ckpt and Path(ckpt).is_file():
-            from guided_diffusion.model_check import sha256_file
-
-            meta["checkpoint_sha256"] = sha256_file(Path(ckpt))
-        summary = out.write_summaries(root, meta)
+    if interrupted:
+        finished = len(indices) - len(todo) + pos
+        log.error(f"interrupted after {finished} of {len(indices)} images; rerun the same command with --resume to "
+                  f"finish the others")
+    else:
+        dist.barrier()
+    code = EXIT_INTERRUPTED if interrupted else 0
+    if dist.rank == 0 or interrupted:
+        summary = out.write_summaries(ctx.root, run_meta(ctx, dist, lpips),
+                                      {i: str(ctx.files[i]) for i in ctx.selected})
         m = summary["metrics"]
         fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
-        print(f"outputs: {root}")
+        print(f"outputs: {ctx.root}")
         print(f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
-              f" (before the last purification: PSNR {fmt(m['psnr_before'])})")
+              f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
+              + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
         if summary["failed"]:
-            print(f"{summary['failed']} image(s) failed: see {root / 'metrics.csv'}")
-            code = EXIT_FAILED_IMAGES
-    dist.close()
+            print(f"{summary['failed']} image(s) failed: see {ctx.root / 'metrics.csv'}")
+            code = code or EXIT_FAILED_IMAGES
     return code
 
 
-def restore_batch(batch, files, args, device, dataset_name, image_size, operator, noiser, prior, settings, root,
-                  lpips, psnr, ssim, load_image, ImageError, out, run_dcdp) -> list[dict]:
+def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
+    args = ctx.args
+    return {
+        "run_dir": str(ctx.root),
+        "configs": {"task": str(args.task_config), "purification": str(args.purification_config or "(DCDP-LDM flags)"),
+                    "model": str(args.model_config)},
+        "overrides": list(args.overrides), "command": sys.argv[1:] if args is not None else [],
+        "resolved": ctx.identity, "random_weights": ctx.random_weights,
+        "checkpoint_sha256": ctx.identity["checkpoint_sha256"], "versions": versions(), "device": str(ctx.device),
+        "precision": args.precision, "world_size": dist.world, "lpips": lpips.status,
+    }
+
+
+def image_problem(ctx: RunContext, image: torch.Tensor) -> Optional[str]:
+    """Why an image cannot be restored as it is (its size), or None."""
+    h, w = image.shape[-2:]
+    multiple = getattr(ctx.prior, "size_multiple", None)
+    if multiple and (h % multiple or w % multiple):
+        return (f"image is {w}x{h}, not a multiple of {multiple} (the network's downsampling factor); set "
+                f"others.img_size in the purification config (e.g. others.img_size={max(multiple, min(h, w) // multiple * multiple)})")
+    if min(h, w) < 7:
+        return f"image is {w}x{h}, smaller than SSIM's 7x7 window; use images of at least 7x7 pixels"
+    return None
+
+
+def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
     """Restore the images `batch` (dataset indices) together; write their outputs and records."""
+    from guided_diffusion.solver import run_dcdp
+    from util import run_outputs as out
+    from util.image_io import ImageError, load_image
+    from util.metrics import psnr, ssim
+
+    args, operator, prior, root, device = ctx.args, ctx.operator, ctx.prior, ctx.root, ctx.device
     records, images, kept = [], [], []
+
+    def fail(i: int, reason: str) -> None:
+        log.warning(f"image {i} ({ctx.files[i]}): {reason}; continuing")
+        rec = {"index": i, "file": str(ctx.files[i]), "status": "failed", "reason": reason}
+        out.write_record(root, rec)
+        records.append(rec)
+
     for i in batch:
         try:
-            images.append(load_image(files[i], dataset_name, image_size))
-            kept.append(i)
+            image = load_image(ctx.files[i], ctx.dataset_name, ctx.purification.image_size)
         except ImageError as exc:
-            log.warning(f"skipping: {exc}")
-            rec = {"index": i, "file": str(files[i]), "status": "failed", "reason": f"unreadable image: {exc}"}
-            out.write_record(root, rec)
-            records.append(rec)
+            fail(i, f"unreadable image: {exc}")
+            continue
+        problem = image_problem(ctx, image)
+        if problem:
+            fail(i, problem)
+            continue
+        images.append(image)
+        kept.append(i)
     if not kept:
         return records
-    shapes = {tuple(im.shape) for im in images}
-    if len(shapes) > 1:  # images of different sizes cannot share a batch: do them one by one
-        return records + [r for i in kept for r in restore_batch([i], files, args, device, dataset_name, image_size,
-                                                                  operator, noiser, prior, settings, root, lpips,
-                                                                  psnr, ssim, load_image, ImageError, out, run_dcdp)]
+    if len({tuple(im.shape) for im in images}) > 1:  # images of different sizes cannot share a batch: one by one
+        return records + [r for i in kept for r in restore_batch(ctx, [i], lpips)]
     start = time.perf_counter()
     gt = torch.cat(images).to(device)                                           # (B, 3, H, W) in [-1, 1]
     generators = [torch.Generator().manual_seed(args.seed + i) for i in kept]
-    states = [operator.draw_state(g, tuple(gt.shape[1:])) for g in generators]
-    state = {k: torch.cat([s[k] for s in states]).to(device) for k in states[0]} if states[0] else {}
-    with torch.no_grad():
-        y_clean = operator.forward(gt, **state)
-    y = torch.cat([noiser(y_clean[b:b + 1], g) for b, g in enumerate(generators)])
+    try:
+        states = [operator.draw_state(g, tuple(gt.shape[1:])) for g in generators]
+        state = {k: torch.cat([s[k] for s in states]).to(device) for k in states[0]} if states[0] else {}
+        with torch.no_grad():
+            y_clean = operator.forward(gt, **state)
+    except ValueError as exc:  # the operator cannot take an image of this size
+        if len(kept) > 1:
+            return records + [r for i in kept for r in restore_batch(ctx, [i], lpips)]
+        fail(kept[0], f"the task's operator cannot take this image: {exc}")
+        return records
+    y = torch.cat([ctx.noiser(y_clean[b:b + 1], g) for b, g in enumerate(generators)])
     x_init = prior.init(tuple(gt.shape), generators)
     curves = {i: {"psnr": [], "ssim": []} for i in kept}
 
@@ -347,7 +633,7 @@ def restore_batch(batch, files, args, device, dataset_name, image_size, operator
                 curves[i]["psnr"].append(psnr(gt[b], img[b])[0])
                 curves[i]["ssim"].append(ssim(gt[b], img[b])[0])
 
-    result = run_dcdp(y, operator, prior, settings, generators, x_init, operator_state=state,
+    result = run_dcdp(y, operator, prior, ctx.settings, generators, x_init, operator_state=state,
                       to_image=prior.to_image, record_iterates=args.save_iterates, callback=on_round)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -359,16 +645,18 @@ def restore_batch(batch, files, args, device, dataset_name, image_size, operator
         failed = result.failed_at[b]
         img_state = {k: v[b:b + 1] for k, v in state.items()}
         iterates = [t[b:b + 1] for t in result.iterates] if result.iterates is not None else None
-        out.save_image_outputs(root, i, gt[b], y[b], None if failed is not None else result.x[b], img_state, iterates)
+        out.save_image_outputs(root, i, gt[b], y[b], None if failed is not None else result.x[b], img_state, iterates,
+                               log_scale=ctx.task.operator_name == "phase_retrieval")
         if not args.no_curves and failed is None:
             from util.plotting import save_metric_curves
 
-            save_metric_curves(curves[i]["psnr"], curves[i]["ssim"], None, root / "figures" / f"{out.stem(i)}_metrics.png")
-        rec = {"index": i, "file": str(files[i]), "status": "ok", "reason": "", "seconds": round(seconds, 3),
+            save_metric_curves(curves[i]["psnr"], curves[i]["ssim"], None, root / "figures" / f"{out.stem(i)}_metrics.png",
+                               title=Path(ctx.files[i]).name)
+        rec = {"index": i, "file": str(ctx.files[i]), "status": "ok", "reason": "", "seconds": round(seconds, 3),
                "nfe": result.nfe, "dc_steps": result.dc_steps}
         if failed is not None:
             rec.update(status="failed", reason=f"non-finite iterate (NaN/Inf) at outer iteration {failed}")
-            log.warning(f"image {i} ({files[i]}): diverged at outer iteration {failed}; continuing")
+            log.warning(f"image {i} ({ctx.files[i]}): diverged at outer iteration {failed}; continuing")
         else:
             rec.update(psnr=after_p[b], ssim=after_s[b], psnr_before=before_p[b], ssim_before=before_s[b],
                        lpips=None if after_l is None else after_l[b],

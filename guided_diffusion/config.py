@@ -1,10 +1,18 @@
-"""Loading and checking the three YAML files of a run (task, purification, model).
+"""Loading and checking the three YAML files of a run (task, purification, model) and `key=value` overrides.
 
-Our files load with `yaml.safe_load`; the official files also load, because the one non-standard
-tag they use (`!!python/tuple`) is read as a list. Unknown keys fail with the list of valid ones.
+The files are read exactly as the official DCDP repository writes them (`upstream-dcdp.md` §3.1):
+a purification file nests the hyper-parameters under `purification:`, beside `dataset:` and
+`others:`; a task file has `measurement:` (`operator:`, `noise:` and, in the official inpainting
+files, a `mask_opt:` the official drivers ignore), `conditioning:` (unused) and, in the DCDP-LDM task
+files, `data:` (the dataset). `!!python/tuple` is read as a list. Every key is checked for its type and
+range here, before anything is built or written; an error is one line naming the file (or override),
+the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +20,14 @@ from typing import Any, Optional
 
 import yaml
 
-from util.errors import ConfigError  # noqa: F401  (re-exported)
+from util.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
 
-from .solver import DCDPSettings
+from .gaussian_diffusion import NUM_DIFFUSION_STEPS, SCHEDULE_KINDS
+from .solver import LOSSES, OPTIMIZERS, DCDPSettings
+
+log = logging.getLogger("dcdp")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
 
 
 class _Loader(yaml.SafeLoader):
@@ -37,24 +46,284 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return alt if alt.exists() else p
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, what: str = "config") -> dict:
     p = resolve_path(path)
     if not p.is_file():
-        raise ConfigError(f"config file '{path}' not found")
+        raise ConfigError(f"{what} file '{path}' not found" + (" (it is a folder)" if p.is_dir() else ""))
     try:
-        with open(p) as f:
-            data = yaml.load(f, Loader=_Loader)
+        text = p.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_Loader)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} file '{path}' is not a text (YAML) file; give a .yaml file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} file '{path}' cannot be read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"{what} file '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} file '{path}' must hold a mapping of keys, got {type(data).__name__}")
     return data
 
 
-def _check_keys(d: dict, valid, where: str) -> None:
-    unknown = [k for k in d if k not in valid]
+# ---------------------------------------------------------------------------------------------
+# Typed keys
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: its kind (int, float, bool, str, choice, size), default and allowed range."""
+
+    kind: str
+    default: Any = None
+    lo: Optional[float] = None          # inclusive lower bound
+    hi: Optional[float] = None          # inclusive upper bound
+    lo_open: bool = False               # lower bound exclusive
+    hi_open: bool = False               # upper bound exclusive
+    choices: tuple = ()
+    nullable: bool = False
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false (YAML booleans, unquoted)"
+        if self.kind == "choice":
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind == "size":
+            return "an image size: an integer >= 8, or [1, 3, H, W] with H = W"
+        if self.kind == "str":
+            return "a string"
+        noun = "an integer" if self.kind == "int" else "a number"
+        parts = []
+        if self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        if self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return noun + (" " + " and ".join(parts) if parts else "") + (" or null" if self.nullable else "")
+
+    def check(self, value: Any) -> Any:
+        """The value, converted; raises ValueError (with no location) when it is not allowed."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise ValueError
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if self.kind in ("int", "float"):
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, str):  # YAML 1.1 reads 1e4 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ValueError from None
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError
+            if self.kind == "int":
+                if float(value) != int(value):
+                    raise ValueError
+                value = int(value)
+            else:
+                value = float(value)
+            if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+                raise ValueError
+            if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
+                raise ValueError
+            return value
+        if self.kind == "choice":
+            if value not in self.choices:
+                raise ValueError
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if self.kind == "size":
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 8:
+                return value
+            if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in value)
+                    and value[2] == value[3] and value[2] >= 8):
+                return value[-1]
+            raise ValueError
+        raise AssertionError(self.kind)
+
+
+def _int(default=REQUIRED, lo=None, hi=None, nullable=False):
+    return Key("int", default, lo=lo, hi=hi, nullable=nullable)
+
+
+def _float(default=REQUIRED, lo=None, hi=None, lo_open=False, hi_open=False, nullable=False):
+    return Key("float", default, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, nullable=nullable)
+
+
+def _bool(default):
+    return Key("bool", default)
+
+
+def _choice(choices, default=REQUIRED, nullable=False):
+    return Key("choice", default, choices=tuple(choices), nullable=nullable)
+
+
+T_MAX = NUM_DIFFUSION_STEPS
+
+# The `purification:` block. Official keys first, then ours. A default of REQUIRED means the key must be given.
+PURIFICATION_SCHEMA: dict[str, Key] = {
+    "total_num_iterations": _int(lo=1),                       # K
+    "csgm_num_iterations": _int(lo=1),                        # τ
+    "lr": _float(lo=0, lo_open=True),
+    "ddim_init_timestep": _int(lo=1, hi=T_MAX),               # T_0
+    "ddim_end_timestep": _int(0, lo=0, hi=T_MAX),             # T_{K-1} (0 is replaced by 1)
+    "purification_schedule": _choice(SCHEDULE_KINDS, "linear"),
+    "optimizer": _choice(OPTIMIZERS, "SGD"),
+    "momentum": _float(0.9, lo=0, hi=1, hi_open=True),
+    "ddim_num_iterations": _int(20, lo=2),
+    "full_ddim": _bool(True),
+    "ddim_eta": _float(0.0, lo=0, hi=0),                      # DCDP-LDM flag; DDIM is deterministic (eta 0)
+    "use_weight_decay": _bool(False),
+    "weight_decay_lambda": _float(0.0, lo=0),
+    "save_every_main": _int(None, lo=1, nullable=True),       # official; no effect (every output is written)
+    "save_every_sub": _int(None, lo=1, nullable=True),
+    # ours
+    "loss": _choice(LOSSES, "L2"),
+    "purify": _bool(True),
+    "final_csgm_num_iterations": _int(None, lo=1, nullable=True),
+    "final_dc_iterations": _int(0, lo=0),
+    "exact_transpose": _bool(False),
+    "data_consistency_type": _choice(("pixel", "latent"), None, nullable=True),
+    "cm_sigma_schedule": _choice(("timestep", "direct"), None, nullable=True),
+    "cm_sigma_init": _float(None, lo=0, lo_open=True, nullable=True),
+    "cm_sigma_end": _float(None, lo=0, lo_open=True, nullable=True),
+    "cm_multistep": _int(None, lo=0, nullable=True),
+}
+PRIOR_OPTION_KEYS = ("data_consistency_type", "cm_sigma_schedule", "cm_sigma_init", "cm_sigma_end", "cm_multistep")
+# Keys that do not change any number (excluded from a run's identity).
+NO_EFFECT_KEYS = ("save_every_main", "save_every_sub")
+
+DATASET_SCHEMA = {"name": Key("str", "ffhq"), "root": Key("str", "./data/ffhq"), "img_size": Key("size", None, nullable=True)}
+OTHERS_SCHEMA = {"img_size": Key("size", None, nullable=True)}
+
+# The official DCDP-LDM driver's defaults when no purification file is given (upstream-dcdp.md §8).
+LDM_DRIVER_DEFAULTS = {
+    "total_num_iterations": 10, "csgm_num_iterations": 100, "lr": 1000.0, "ddim_init_timestep": 400,
+    "ddim_end_timestep": 0, "purification_schedule": "linear", "optimizer": "SGD", "momentum": 0.9,
+    "ddim_num_iterations": 20, "full_ddim": False, "ddim_eta": 0.0, "save_every_main": 1,
+    "save_every_sub": 10000, "data_consistency_type": "pixel",
+}
+
+
+class Origins:
+    """Where each value came from: a file, or an override given on the command line."""
+
+    def __init__(self, default: str):
+        self.default = default
+        self.by_path: dict[tuple, str] = {}
+
+    def of(self, *path) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.by_path:
+                return self.by_path[path[:n]]
+        return self.default
+
+
+def _bad(where: str, key: str, value: Any, spec: Key) -> ConfigError:
+    return ConfigError(f"{where}: {key} = {value!r} is not allowed; use {spec.allowed()}")
+
+
+def _check_block(block: Any, schema: dict, origins: Origins, path: tuple, label: str) -> dict:
+    """Check a mapping against `schema`: unknown keys, required keys, types and ranges; fills defaults."""
+    where = origins.of(*path)
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where}: '{label}' must be a mapping of keys (key: value lines indented under "
+                          f"'{label}:'), got {type(block).__name__} {block!r}; valid keys: {', '.join(schema)}")
+    unknown = [k for k in block if k not in schema]
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(valid)}")
+        where = origins.of(*path, unknown[0])
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} in '{label}'; "
+                          f"valid keys: {', '.join(schema)}")
+    out = {}
+    for key, spec in schema.items():
+        if key not in block:
+            if spec.default is REQUIRED:
+                raise ConfigError(f"{where}: '{label}' is missing the key '{key}' ({spec.allowed()})")
+            out[key] = spec.default
+            continue
+        try:
+            out[key] = spec.check(block[key])
+        except ValueError:
+            raise _bad(origins.of(*path, key), f"{label}.{key}", block[key], spec) from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: key=value after the options (dotted paths into the three files)
+# ---------------------------------------------------------------------------------------------
+
+# first path component -> the file it goes to
+OVERRIDE_TARGETS = {"purification": "purification", "dataset": "purification", "others": "purification",
+                    "measurement": "task", "conditioning": "task", "data": "task", "model": "model"}
+
+
+@dataclass
+class Override:
+    text: str           # as given
+    file: str           # task, purification or model
+    path: tuple         # path inside that file
+    value: Any
+
+
+def parse_overrides(items: list[str]) -> list[Override]:
+    """`purification.lr=1e4 measurement.noise.sigma=0.05 model.model_path=/ckpt.pt` -> Overrides.
+
+    Values are YAML scalars or flow lists, parsed by omegaconf's grammar (so 1e4 is a number).
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    out = []
+    for text in items:
+        key, sep, raw = text.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{text}': expected key=value with a dotted key, e.g. purification.lr=1e4")
+        parts = tuple(key.split("."))
+        target = OVERRIDE_TARGETS.get(parts[0])
+        if target is None:
+            raise ConfigError(f"override '{text}': unknown first key '{parts[0]}'; valid: "
+                              f"{', '.join(OVERRIDE_TARGETS)} (purification.*, dataset.*, others.* go to the "
+                              f"purification file, measurement.* and conditioning.* to the task file, model.* to the model file)")
+        if target == "model":
+            if len(parts) < 2:
+                raise ConfigError(f"override '{text}': name a key of the model file, e.g. model.model_path=/ckpt.pt")
+            parts = parts[1:]
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{text}': cannot read the value '{raw}' ({' '.join(str(exc).split())})") from None
+        out.append(Override(text, target, parts, value))
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[Override], file: str, origins: Origins) -> dict:
+    """A deep copy of `data` with the overrides of `file` applied; records their origin."""
+    data = copy.deepcopy(data)
+    for o in overrides:
+        if o.file != file:
+            continue
+        node = data
+        for part in o.path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{o.text}': '{part}' is not a mapping in the {file} file")
+            node = nxt
+        node[o.path[-1]] = o.value
+        origins.by_path[o.path] = f"override '{o.text}'"
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +331,12 @@ def _check_keys(d: dict, valid, where: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 TASK_KEYS = ("measurement", "conditioning", "data")
-IGNORED_TASK_KEYS = ("conditioning", "data")  # official files carry them; dcdp.py never reads them
+MEASUREMENT_KEYS = ("operator", "noise", "mask_opt")
+NOISE_SCHEMAS = {"gaussian": {"name": Key("str"), "sigma": _float(0.0, lo=0)},
+                 "poisson": {"name": Key("str"), "rate": _float(lo=0, lo_open=True)}}
+DATA_SCHEMA = {"name": Key("str", None, nullable=True), "root": Key("str", None, nullable=True)}
+# The hole both official drivers cut, whatever their YAML says (rows and columns 100..199).
+OFFICIAL_BOX = {"mask_type": "box"}
 
 
 @dataclass
@@ -70,6 +344,8 @@ class TaskConfig:
     operator: dict               # {name, **params}
     noise: dict                  # {name, **params}
     ignored: list = field(default_factory=list)
+    data: dict = field(default_factory=dict)     # DCDP-LDM task files: dataset name and root
+    notes: list = field(default_factory=list)    # one line each, printed by the driver
     path: str = ""
 
     @property
@@ -81,91 +357,189 @@ class TaskConfig:
         return float(self.noise.get("sigma", 0.0))
 
 
-def load_task_config(path) -> TaskConfig:
-    d = load_yaml(path)
-    _check_keys(d, TASK_KEYS, f"task config '{path}'")
+def load_task_config(path, overrides: Optional[list[Override]] = None) -> TaskConfig:
+    origins = Origins(f"task config '{path}'")
+    d = apply_overrides(load_yaml(path, "task config"), overrides or [], "task", origins)
+    where = origins.default
+    if "measurement" not in d and ("purification" in d or "image_size" in d or "model_path" in d):
+        raise ConfigError(f"{where} is not a task config (it has no 'measurement' block); give a file from "
+                          f"task_configurations/ as --task_config")
+    unknown = [k for k in d if k not in TASK_KEYS]
+    if unknown:
+        raise ConfigError(f"{origins.of(unknown[0])}: unknown key(s) {', '.join(map(str, unknown))}; "
+                          f"valid keys: {', '.join(TASK_KEYS)}")
     m = d.get("measurement")
-    if not isinstance(m, dict) or "operator" not in m or "noise" not in m:
-        raise ConfigError(f"task config '{path}': needs a 'measurement' block with 'operator' and 'noise'")
-    _check_keys(m, ("operator", "noise"), f"task config '{path}' measurement")
-    for part in ("operator", "noise"):
-        if not isinstance(m[part], dict) or "name" not in m[part]:
-            raise ConfigError(f"task config '{path}': measurement.{part} needs a 'name'")
-    return TaskConfig(operator=dict(m["operator"]), noise=dict(m["noise"]),
-                      ignored=[k for k in IGNORED_TASK_KEYS if k in d], path=str(path))
+    if not isinstance(m, dict) or not isinstance(m.get("operator"), dict) or not isinstance(m.get("noise"), dict):
+        raise ConfigError(f"{where}: needs a 'measurement' block with 'operator' and 'noise' mappings")
+    unknown = [k for k in m if k not in MEASUREMENT_KEYS]
+    if unknown:
+        raise ConfigError(f"{origins.of('measurement', unknown[0])}: unknown key(s) {', '.join(map(str, unknown))} "
+                          f"in 'measurement'; valid keys: {', '.join(MEASUREMENT_KEYS)}")
+    operator, noise = dict(m["operator"]), dict(m["noise"])
+    if not isinstance(operator.get("name"), str):
+        raise ConfigError(f"{origins.of('measurement', 'operator', 'name')}: measurement.operator needs a 'name'")
+    from .measurements import __NOISES__
+
+    noise_name = noise.get("name")
+    if noise_name not in NOISE_SCHEMAS or noise_name not in __NOISES__:
+        raise ConfigError(f"{origins.of('measurement', 'noise', 'name')}: measurement.noise.name = {noise_name!r} "
+                          f"is not allowed; use one of {', '.join(NOISE_SCHEMAS)}")
+    noise = _check_block(noise, NOISE_SCHEMAS[noise_name], origins, ("measurement", "noise"), "measurement.noise")
+    notes = []
+    if "mask_opt" in m:  # the official inpainting files: ignored by both official drivers
+        if operator["name"] == "inpainting" and "mask_opt" not in operator:
+            operator["mask_opt"] = dict(OFFICIAL_BOX)
+            notes.append(f"note: {where}: measurement.mask_opt is ignored, as by the official code, which always "
+                         f"cuts the 100x100 box at rows/columns 100..199; for a random mask put mask_opt under "
+                         f"measurement.operator (see task_configurations/inpainting_random_config.yaml)")
+        else:
+            notes.append(f"note: {where}: measurement.mask_opt is ignored (as by the official code); the "
+                         f"operator's own settings are used")
+    data = _check_block(d.get("data"), DATA_SCHEMA, origins, ("data",), "data") if "data" in d else {}
+    ignored = [k for k in ("conditioning",) if k in d]
+    return TaskConfig(operator=operator, noise=noise, ignored=ignored, data=data, notes=notes, path=str(path))
 
 
 # ---------------------------------------------------------------------------------------------
 # Purification config: the DCDP hyper-parameters
 # ---------------------------------------------------------------------------------------------
 
-PURIFICATION_KEYS = (
-    # official keys
-    "total_num_iterations", "csgm_num_iterations", "lr", "ddim_init_timestep", "ddim_end_timestep",
-    "purification_schedule", "optimizer", "momentum", "ddim_num_iterations", "full_ddim",
-    "use_weight_decay", "weight_decay_lambda", "save_every_main", "save_every_sub", "dataset", "others",
-    # ours
-    "loss", "purify", "final_csgm_num_iterations", "data_consistency_type", "exact_transpose",
-)
-REQUIRED_PURIFICATION_KEYS = ("total_num_iterations", "csgm_num_iterations", "lr", "ddim_init_timestep")
-DATASET_KEYS = ("name", "root")
-OTHERS_KEYS = ("img_size",)
+PURIFICATION_FILE_KEYS = ("purification", "dataset", "others")
 
 
 @dataclass
 class PurificationConfig:
-    raw: dict
+    values: dict                 # the checked `purification:` block, defaults filled in
     dataset_name: str
     dataset_root: str
     image_size: Optional[int]
-    full_ddim: bool
-    ddim_num_iterations: int
+    dataset_given: bool = True   # the file (or an override) named a dataset
     path: str = ""
 
+    @property
+    def full_ddim(self) -> bool:
+        return self.values["full_ddim"]
+
+    @property
+    def ddim_num_iterations(self) -> int:
+        return self.values["ddim_num_iterations"]
+
+    def resolved(self) -> dict:
+        """The settings as the official layout, for run records (no-effect keys left out)."""
+        block = {k: v for k, v in self.values.items() if k not in NO_EFFECT_KEYS}
+        return {"purification": block, "dataset": {"name": self.dataset_name, "root": self.dataset_root},
+                "others": {"img_size": self.image_size}}
+
     def settings(self, purify: Optional[bool] = None) -> DCDPSettings:
-        r = self.raw
+        v = self.values
         return DCDPSettings(
-            K=int(r["total_num_iterations"]), tau=int(r["csgm_num_iterations"]), lr=float(r["lr"]),
-            T_init=int(r["ddim_init_timestep"]), T_end=int(r.get("ddim_end_timestep", 0)),
-            schedule=str(r.get("purification_schedule", "linear")), optimizer=str(r.get("optimizer", "SGD")),
-            momentum=float(r.get("momentum", 0.9)), loss=str(r.get("loss", "L2")),
-            weight_decay_lambda=float(r.get("weight_decay_lambda", 0.0)) if r.get("use_weight_decay", False) else 0.0,
-            purify=bool(r.get("purify", True)) if purify is None else purify,
-            final_tau=(int(r["final_csgm_num_iterations"]) if r.get("final_csgm_num_iterations") is not None else None),
-            exact_transpose=bool(r.get("exact_transpose", False)),
+            K=v["total_num_iterations"], tau=v["csgm_num_iterations"], lr=v["lr"],
+            T_init=v["ddim_init_timestep"], T_end=v["ddim_end_timestep"], schedule=v["purification_schedule"],
+            optimizer=v["optimizer"], momentum=v["momentum"], loss=v["loss"],
+            weight_decay_lambda=v["weight_decay_lambda"] if v["use_weight_decay"] else 0.0,
+            purify=v["purify"] if purify is None else purify, final_tau=v["final_csgm_num_iterations"],
+            final_dc_iterations=v["final_dc_iterations"], exact_transpose=v["exact_transpose"],
         )
 
     def prior_options(self) -> dict:
-        """Keys the prior reads itself (latent DC type, consistency-model options)."""
-        return {k: v for k, v in self.raw.items() if k.startswith("cm_") or k == "data_consistency_type"}
+        """Keys the prior reads itself (latent DC type, consistency-model options), those that are set."""
+        return {k: self.values[k] for k in PRIOR_OPTION_KEYS if self.values[k] is not None}
 
 
-def load_purification_config(path) -> PurificationConfig:
-    d = load_yaml(path)
-    valid = [k for k in PURIFICATION_KEYS] + ["cm_*"]
-    unknown = [k for k in d if k not in PURIFICATION_KEYS and not str(k).startswith("cm_")]
+def _is_flat(d: dict) -> bool:
+    return "purification" not in d and any(k in PURIFICATION_SCHEMA for k in d)
+
+
+def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optional[dict] = None) -> PurificationConfig:
+    where = origins.default
+    if "measurement" in d or "model_path" in d or "image_size" in d:
+        raise ConfigError(f"{where} is not a purification config (it has no 'purification' block); give a file "
+                          f"from purification_configurations/ as --purification_config")
+    if _is_flat(d):  # the layout of dcdp before 2026-12: the hyper-parameters at the top level
+        d = {"purification": {k: v for k, v in d.items() if k not in ("dataset", "others")},
+             **{k: d[k] for k in ("dataset", "others") if k in d}}
+    unknown = [k for k in d if k not in PURIFICATION_FILE_KEYS]
     if unknown:
-        raise ConfigError(f"purification config '{path}': unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)}")
-    missing = [k for k in REQUIRED_PURIFICATION_KEYS if k not in d]
-    if missing:
-        raise ConfigError(f"purification config '{path}': missing key(s) {', '.join(missing)}")
-    dataset = d.get("dataset") or {}
-    _check_keys(dataset, DATASET_KEYS, f"purification config '{path}' dataset")
-    others = d.get("others") or {}
-    _check_keys(others, OTHERS_KEYS, f"purification config '{path}' others")
-    img_size = others.get("img_size")
-    cfg = PurificationConfig(
-        raw=d, dataset_name=str(dataset.get("name", "ffhq")), dataset_root=str(dataset.get("root", "./data/ffhq")),
-        image_size=int(img_size[-1]) if img_size else None, full_ddim=bool(d.get("full_ddim", True)),
-        ddim_num_iterations=int(d.get("ddim_num_iterations", 20)), path=str(path),
-    )
+        raise ConfigError(f"{origins.of(unknown[0])}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: "
+                          f"{', '.join(PURIFICATION_FILE_KEYS)} (the hyper-parameters go under 'purification:')")
+    if "purification" not in d:
+        raise ConfigError(f"{where}: needs a 'purification:' block with the hyper-parameters (the official layout)")
+    values = _check_block(d["purification"], PURIFICATION_SCHEMA, origins, ("purification",), "purification")
+    dataset_given = d.get("dataset") is not None
+    raw_dataset = d.get("dataset")
+    if not dataset_given and dataset_fallback:
+        raw_dataset = {k: v for k, v in dataset_fallback.items() if v is not None}
+        dataset_given = bool(raw_dataset)
+    dataset = _check_block(raw_dataset, DATASET_SCHEMA, origins, ("dataset",), "dataset")
+    others = _check_block(d.get("others"), OTHERS_SCHEMA, origins, ("others",), "others")
+    from util.image_io import DATASETS
+
+    if dataset["name"] not in DATASETS:
+        raise ConfigError(f"{origins.of('dataset', 'name')}: dataset.name = {dataset['name']!r} is not allowed; "
+                          f"use one of {', '.join(DATASETS)}")
+    cfg = PurificationConfig(values=values, dataset_name=dataset["name"], dataset_root=dataset["root"],
+                             image_size=others["img_size"] or dataset["img_size"], dataset_given=dataset_given,
+                             path=where)
     try:
         cfg.settings().timesteps()
     except ValueError as exc:
-        raise ConfigError(f"purification config '{path}': {exc}") from exc
+        raise ConfigError(f"{origins.of('purification')}: {exc}") from None
     return cfg
 
 
-def load_model_config(path) -> dict:
-    """The model config as a dict; its keys are checked by the builder of its `kind`."""
-    return load_yaml(path)
+def load_purification_config(path, overrides: Optional[list[Override]] = None,
+                             dataset_fallback: Optional[dict] = None) -> PurificationConfig:
+    origins = Origins(f"purification config '{path}'")
+    raw = load_yaml(path, "purification config")
+    if _is_flat(raw) and any(o.file == "purification" and o.path[0] == "purification" for o in overrides or []):
+        raw = {"purification": {k: v for k, v in raw.items() if k not in ("dataset", "others")},
+               **{k: raw[k] for k in ("dataset", "others") if k in raw}}
+    d = apply_overrides(raw, overrides or [], "purification", origins)
+    cfg = purification_from_dict(d, origins, dataset_fallback=dataset_fallback)
+    cfg.path = str(path)
+    return cfg
+
+
+def ldm_driver_purification(flags: dict, overrides: Optional[list[Override]] = None,
+                            dataset_fallback: Optional[dict] = None) -> PurificationConfig:
+    """The purification settings of the official DCDP-LDM driver: its defaults, then its flags."""
+    origins = Origins("the official DCDP-LDM defaults")
+    block = dict(LDM_DRIVER_DEFAULTS)
+    for key, value in flags.items():
+        block[key] = value
+        origins.by_path[("purification", key)] = f"--{key}"
+    d = apply_overrides({"purification": block, "others": {"img_size": 256}}, overrides or [], "purification", origins)
+    cfg = purification_from_dict(d, origins, dataset_fallback=dataset_fallback)
+    cfg.path = "(DCDP-LDM flags)"
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Model config
+# ---------------------------------------------------------------------------------------------
+
+PRIOR_KINDS = ("pixel", "latent", "consistency")
+
+
+def load_model_config(path, overrides: Optional[list[Override]] = None, *, random_weights: bool = False) -> dict:
+    """The model config as a dict; `model_path` must be given (null = random weights, said explicitly).
+
+    The other keys are checked by the builder of its `kind`.
+    """
+    origins = Origins(f"model config '{path}'")
+    d = apply_overrides(load_yaml(path, "model config"), overrides or [], "model", origins)
+    where = origins.default
+    if "measurement" in d or "purification" in d or any(k in d for k in PURIFICATION_SCHEMA):
+        raise ConfigError(f"{where} is not a model config (it holds a task or purification block); give a file "
+                          f"from model_configurations/ as --model_config")
+    kind = d.get("kind", "pixel")
+    if kind not in PRIOR_KINDS:
+        raise ConfigError(f"{origins.of('kind')}: kind = {kind!r} is not allowed; use one of {', '.join(PRIOR_KINDS)}")
+    if random_weights:
+        d["model_path"] = None
+    elif "model_path" not in d:
+        raise ConfigError(f"{where} has no model_path; set model_path: /path/to/checkpoint (see "
+                          f"`python dcdp.py --check_models`), or for random weights write model_path: null or pass --random_weights")
+    elif d["model_path"] is not None and not isinstance(d["model_path"], str):
+        raise ConfigError(f"{origins.of('model_path')}: model_path = {d['model_path']!r} must be a file path or null")
+    return d

@@ -56,6 +56,12 @@ class PixelPrior:
         self.precision = precision
         autocast_context(self.device, precision)  # validate early
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (the UNet's downsampling factor)."""
+        model = getattr(self.model, "_orig_mod", self.model)  # a torch.compile wrapper
+        return int(getattr(model, "downsample_factor", 1))
+
     def init(self, shape: Sequence[int], generators: Sequence[torch.Generator]) -> torch.Tensor:
         return torch.zeros(tuple(shape), device=self.device)
 

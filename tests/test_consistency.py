@@ -419,7 +419,7 @@ def test_init_and_prior_interface() -> None:
 PIXEL_KEYS = {
     "total_num_iterations", "csgm_num_iterations", "lr", "ddim_init_timestep", "ddim_end_timestep",
     "purification_schedule", "optimizer", "momentum", "ddim_num_iterations", "full_ddim", "use_weight_decay",
-    "weight_decay_lambda", "save_every_main", "save_every_sub", "dataset", "others",
+    "weight_decay_lambda", "save_every_main", "save_every_sub",
 }
 PAPER = {  # task: (K, tau, T_init, lr at 256 px)
     "super_resolution": (10, 100, 400, 1000),
@@ -437,7 +437,9 @@ def test_all_cm_purification_configs_shipped() -> None:
 
 @pytest.mark.parametrize("path", CM_PURIFICATION_CONFIGS, ids=lambda p: p.stem)
 def test_cm_purification_config(path: Path) -> None:
-    cfg = yaml.safe_load(path.read_text())
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) == {"purification", "dataset", "others"}  # the official layout
+    cfg = raw["purification"]
     assert PIXEL_KEYS <= set(cfg)
     cm = {k: v for k, v in cfg.items() if k.startswith("cm_")}
     assert set(cfg) - PIXEL_KEYS == set(cm)
@@ -448,8 +450,8 @@ def test_cm_purification_config(path: Path) -> None:
     assert (cfg["total_num_iterations"], cfg["csgm_num_iterations"], cfg["ddim_init_timestep"]) == (K, tau, T_init)
     assert cfg["ddim_end_timestep"] == 0 and cfg["purification_schedule"] == "linear"
     assert cfg["lr"] == pytest.approx(lr * (size / 256) ** 2)  # same step lr·2/N per measurement entry
-    assert cfg["dataset"] == {"name": "folder", "root": "./data/imagenet64" if size == 64 else "./data/lsun_bedroom"}
-    assert cfg["others"]["img_size"] == [1, 3, size, size]
+    assert raw["dataset"] == {"name": "folder", "root": "./data/imagenet64" if size == 64 else "./data/lsun_bedroom"}
+    assert raw["others"]["img_size"] == [1, 3, size, size]
 
 
 def test_pinned_purification() -> None:

@@ -84,18 +84,31 @@ def test_batch_size_does_not_change_results(setup):
     assert np.abs(a - b).max() <= 1
 
 
-def test_resume_skips_complete_and_refuses_other_configs(setup, caplog):
+def test_resume_skips_complete_and_other_settings_get_their_own_folder(setup, caplog):
     assert dcdp.main(args(setup, "--no_curves", "--max_images", "1")) == 0
     root = run_dir(setup)
     first = (root / "recon" / "00000.png").stat().st_mtime_ns
     assert dcdp.main(args(setup, "--no_curves", "--resume")) == 0
     assert (root / "recon" / "00000.png").stat().st_mtime_ns == first
     assert (root / "recon" / "00001.png").is_file()
-    assert dcdp.main(args(setup, "--no_curves", "--resume", "--seed", "5")) == dcdp.EXIT_BAD_INPUT
-    assert "different settings" in caplog.text
-    caplog.clear()  # another network precision gives other numbers: refused too, and named
-    assert dcdp.main(args(setup, "--no_curves", "--resume", "--precision", "bf16")) == dcdp.EXIT_BAD_INPUT
-    assert "different settings (precision)" in caplog.text
+    # another seed or network precision gives other numbers: another folder (the identity hash differs)
+    assert dcdp.main(args(setup, "--no_curves", "--resume", "--seed", "5")) == 0
+    assert dcdp.main(args(setup, "--no_curves", "--resume", "--precision", "bf16")) == 0
+    folders = sorted(setup["out"].glob("*/*/*/*"))
+    assert len(folders) == 3
+    seeds = sorted(json.loads((f / "run_config.json").read_text())["seed"] for f in folders)
+    assert seeds == [0, 0, 5]
+
+
+def test_a_folder_of_other_settings_is_refused(setup, caplog):
+    assert dcdp.main(args(setup, "--no_curves", "--max_images", "1")) == 0
+    root = run_dir(setup)
+    record = json.loads((root / "run_config.json").read_text())
+    record["seed"] = 99  # as if another configuration had made this folder
+    (root / "run_config.json").write_text(json.dumps(record))
+    assert dcdp.main(args(setup, "--no_curves", "--resume")) == dcdp.EXIT_BAD_INPUT
+    assert "other settings (seed)" in caplog.text and str(root) in caplog.text
+    assert json.loads((root / "run_config.json").read_text())["seed"] == 99  # not replaced
 
 
 def test_corrupt_image_is_reported_and_skipped(setup):

@@ -81,11 +81,11 @@ def test_out_of_memory_retries_with_smaller_batch(setup, monkeypatch, caplog):
     real = dcdp.restore_batch
     calls = []
 
-    def flaky(batch, *a, **k):
+    def flaky(ctx, batch, *a, **k):
         calls.append(len(batch))
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(batch, *a, **k)
+        return real(ctx, batch, *a, **k)
 
     monkeypatch.setattr(dcdp, "restore_batch", flaky)
     caplog.set_level("WARNING")

@@ -52,6 +52,7 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "ffhq": DatasetSpec(frozenset({".png"}), crop_to_square=True, exif_transpose=False),
+    "celeb": DatasetSpec(frozenset({".png"}), crop_to_square=True, exif_transpose=False),  # DCDP-LDM's name for PNGs
     "ImageNet": DatasetSpec(frozenset({".jpeg", ".jpg"}), crop_to_square=False, exif_transpose=False),
     "folder": DatasetSpec(
         frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}), crop_to_square=True, exif_transpose=True

@@ -2,13 +2,17 @@
 
 Every file is written atomically (temp file + rename), so a run killed at any moment leaves each
 file either complete or absent. Per-image results live in `metrics/{index:05d}.json`; `metrics.csv`
-and `summary.json` are rebuilt from them, which makes resuming and multi-process runs simple.
+and `summary.json` are rebuilt from the records of exactly the images the run selected, which makes
+resuming and multi-process runs simple. A run folder holds one configuration: its name ends with a
+short hash of the run's identity (`run_config.json`).
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -18,6 +22,8 @@ import torch
 
 from util.image_io import atomic_save_torch, atomic_write_text, save_image, save_normalized
 
+log = logging.getLogger("dcdp")
+
 CSV_COLUMNS = (
     "index", "file", "status", "reason", "psnr_before", "ssim_before", "lpips_before", "psnr", "ssim", "lpips",
     "seconds", "nfe", "dc_steps",
@@ -25,10 +31,15 @@ CSV_COLUMNS = (
 SUBDIRS = ("input", "recon", "label", "measurements", "states", "metrics", "figures")
 
 
+def identity_hash(identity: dict) -> str:
+    """A short hash of a run's identity (everything that changes its numbers)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_dir_name(save_dir: str, operator_name: str, dataset_name: str, sigma: float, s, full_ddim: bool,
-                 ddim_num_iterations: int, suffix: str = "") -> Path:
-    """The official layout: {save_dir}/{op}/{dataset}/noise_std_{σ}/{T_init}_{T_end}_{K}_{τ}_{schedule}_{lr}_
-    {momentum}_{full_ddim}_{n}_{λ}."""
+                 ddim_num_iterations: int, suffix: str = "", identity: Optional[dict] = None) -> Path:
+    """The official layout, {save_dir}/{op}/{dataset}/noise_std_{σ}/{T_init}_{T_end}_{K}_{τ}_{schedule}_{lr}_
+    {momentum}_{full_ddim}_{n}_{λ}, then our suffixes and the identity hash: `_{hash8}`."""
     sigma_str = f"{sigma:g}"
     lr = int(s.lr) if float(s.lr).is_integer() else s.lr
     leaf = (f"{s.T_init}_{s.T_end}_{s.K}_{s.tau}_{s.schedule}_{lr}_{s.momentum}_{full_ddim}_"
@@ -37,6 +48,8 @@ def run_dir_name(save_dir: str, operator_name: str, dataset_name: str, sigma: fl
         leaf += f"_{suffix}"
     if not s.purify:
         leaf += "_no_purification"
+    if identity is not None:
+        leaf += f"_{identity_hash(identity)}"
     return Path(save_dir) / operator_name / dataset_name / f"noise_std_{sigma_str}" / leaf
 
 
@@ -49,17 +62,32 @@ def stem(index: int) -> str:
     return f"{index:05d}"
 
 
-def image_complete(root: Path, index: int) -> bool:
-    """An image is done when its metrics record exists (written last, after every other file)."""
-    return (root / "metrics" / f"{stem(index)}.json").is_file()
+def image_complete(root: Path, index: int, file=None) -> bool:
+    """An image is done when its metrics record exists (written last, after every other file) and,
+    when `file` is given, names that file."""
+    path = root / "metrics" / f"{stem(index)}.json"
+    if not path.is_file():
+        return False
+    if file is None:
+        return True
+    try:
+        return json.loads(path.read_text()).get("file") == str(file)
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor, recon: Optional[torch.Tensor],
-                       state: dict, iterates: Optional[list]) -> None:
-    """Write one image's pictures and tensors (not its metrics record). Tensors are (3, H, W)."""
+                       state: dict, iterates: Optional[list], log_scale: bool = False) -> None:
+    """Write one image's pictures and tensors (not its metrics record). Tensors are (3, H, W).
+
+    A measurement that is not an image (phase retrieval's Fourier magnitudes) is shown normalised,
+    on a log scale (log(1 + |y|)) with `log_scale`.
+    """
     name = stem(index)
     save_image(gt, root / "label" / f"{name}.png")
-    if y.dim() == 3 and y.shape[0] == 3 and y.min() >= -1.5 and y.max() <= 1.5:
+    if log_scale:
+        save_normalized(torch.log1p(y.abs()), root / "input" / f"{name}.png")
+    elif y.dim() == 3 and y.shape[0] == 3 and y.min() >= -1.5 and y.max() <= 1.5:
         save_image(y, root / "input" / f"{name}.png")
     else:
         save_normalized(y, root / "input" / f"{name}.png")
@@ -79,12 +107,14 @@ def write_record(root: Path, record: dict) -> None:
 
 
 def read_records(root: Path) -> list[dict]:
+    """Every readable record of the folder; an unreadable one is skipped with a warning."""
     records = []
     for p in sorted((root / "metrics").glob("*.json")):
         try:
             records.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning(f"warning: skipping the unreadable record '{p}' ({type(exc).__name__}); rerun with --resume "
+                        f"to redo that image")
     return sorted(records, key=lambda r: r["index"])
 
 
@@ -95,9 +125,18 @@ def _stats(values: list) -> dict:
     return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
 
 
-def write_summaries(root: Path, meta: dict) -> dict:
-    """Rebuild metrics.csv and summary.json from the per-image records; returns the summary."""
+def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None) -> dict:
+    """Rebuild metrics.csv and summary.json from the per-image records; returns the summary.
+
+    `selected` ({index: file}) are the images of this run: only their records count (a record of
+    another file at that index, or of an index outside the run, is left out), and those without a
+    record are counted as `missing` (not done yet: an interrupted run).
+    """
     records = read_records(root)
+    missing = 0
+    if selected is not None:
+        records = [r for r in records if selected.get(r.get("index")) == r.get("file")]
+        missing = len(selected) - len(records)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -107,7 +146,9 @@ def write_summaries(root: Path, meta: dict) -> dict:
     ok = [r for r in records if r.get("status") == "ok"]
     summary = dict(meta)
     summary.update({
-        "images": len(records),
+        "images": len(records) + missing,
+        "done": len(records),
+        "missing": missing,
         "ok": len(ok),
         "failed": len(records) - len(ok),
         "failures": [{"index": r["index"], "file": r.get("file"), "reason": r.get("reason")} for r in records
