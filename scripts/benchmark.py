@@ -264,9 +264,10 @@ def _purification_copy(src: Path, dst_dir: Path, max_rounds: Optional[int], exac
     import yaml
 
     raw = yaml.safe_load(src.read_text())
-    raw["exact_transpose"] = exact_transpose
-    raw["total_num_iterations"], raw["ddim_end_timestep"] = capped_rounds(
-        raw["total_num_iterations"], raw["ddim_init_timestep"], raw.get("ddim_end_timestep", 0), max_rounds)
+    block = raw["purification"]  # the official layout
+    block["exact_transpose"] = exact_transpose
+    block["total_num_iterations"], block["ddim_end_timestep"] = capped_rounds(
+        block["total_num_iterations"], block["ddim_init_timestep"], block.get("ddim_end_timestep", 0), max_rounds)
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / src.name
     dst.write_text(yaml.safe_dump(raw))
