@@ -1,7 +1,8 @@
 """Train the small guided-diffusion UNet that ships as the demo prior.
 
     python -m guided_diffusion.train --config training_configurations/demo.yaml \
-        [--device cpu|cuda] [--resume PATH] [--max_minutes M]
+        [--export PATH [--force]] [--resume CHECKPOINT] [--max_minutes M] [--max_steps N] [--out_dir DIR] \
+        [--device cpu|cuda|cuda:N]
 
 On a CPU shared with other processes, set OMP_WAIT_POLICY=PASSIVE in the environment (it must be
 set before torch starts): spinning OpenMP threads slow training several-fold under competition.
@@ -12,9 +13,19 @@ Only ε is learned (`learn_sigma: false`); DCDP's DDIM and Tweedie purifiers use
 
 Optimiser: AdamW with a linear learning-rate warm-up, gradient-norm clipping and an EMA of the
 weights whose decay warms up as min(decay, (1 + n) / (10 + n)). Every `checkpoint_minutes` (and
-at the end) the full training state goes to `<out_dir>/checkpoint.pt` and the EMA weights to the
-model config's `model_path`, both written atomically, so usable weights exist at any time.
+at the end) the full training state goes to `<out_dir>/checkpoint.pt` and the EMA weights to
+`<out_dir>/ema.pt` (a plain state_dict, usable as a model config's model_path), both written
+atomically, so usable weights exist at any time. Training writes nowhere else unless told to:
+`--export PATH` also writes the EMA weights to PATH. An existing file there (the shipped
+models/demo_prior.pt, a file tracked by git, the model config's model_path, any other file) is refused
+unless it is the export of the run being resumed, or `--force` is given; the model config's
+model_path is never written by itself. One run per out_dir: `<out_dir>/.lock` (util/run_lock.py) refuses
+a second training process on the same folder, and a fresh run refuses an out_dir that holds another
+run's checkpoint (continue it with --resume, or --force to start over).
 `--resume` restores model, EMA, optimiser, step and RNG state and continues exactly.
+
+Every user error (config file, flags, checkpoint, folders) ends the command with one line
+`error: ...` and exit status 2.
 """
 from __future__ import annotations
 
@@ -24,8 +35,11 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -35,14 +49,19 @@ from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from guided_diffusion.checkpoints import CheckpointError, load_torch_file
 from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS
 from guided_diffusion.training_data import RandomCrops
 from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, REPO_ROOT, create_model
+from util.errors import ConfigError, DCDPError, RunFolderError
 from util.image_io import atomic_save_torch
+from util.run_lock import RunLock
 
 log = logging.getLogger("dcdp.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
+EMA_NAME = "ema.pt"  # <out_dir>/ema.pt: the EMA weights, always written beside the checkpoint
+EXIT_BAD_INPUT = 2
 PRECISIONS = ("fp32", "bf16")
 # May change between a run and its resumption: how long it runs, where it writes, and the learning-rate
 # decay that ends it (a run resumed to be annealed).
@@ -54,7 +73,7 @@ RUN_LENGTH_KEYS = ("max_steps", "checkpoint_minutes", "out_dir", "model_config",
 class TrainConfig:
     """The training YAML. Paths are relative to the working directory (run from the repository root)."""
 
-    model_config: str                       # model YAML (create_model keys); its model_path receives the EMA export
+    model_config: str                       # model YAML (create_model keys); its model_path is not written (see --export)
     data: str = "skimage"                   # "skimage" (the scikit-image photographs) or an image folder
     crop_size: int = 64                     # training crops are crop_size × crop_size pixels
     scale_range: tuple[float, float] = (0.5, 1.0)  # random zoom factor per crop (log-uniform)
@@ -76,43 +95,173 @@ class TrainConfig:
     out_dir: str = "runs/demo_train"
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"training config: precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("crop_size", "batch_size", "max_steps", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"training config: {name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"training config: ema_decay must be in [0, 1), got {self.ema_decay}")
+        problem = config_problem(self)
+        if problem:
+            raise ConfigError(f"training config: {problem}")
 
 
-def load_train_config(path: str | os.PathLike) -> TrainConfig:
-    """Read a training YAML into a `TrainConfig`; unknown keys raise `ValueError` listing the valid ones."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    valid = [f.name for f in dataclasses.fields(TrainConfig)]
-    unknown = sorted(set(raw) - set(valid))
+class TrainingDiverged(DCDPError, FloatingPointError):
+    """The loss became NaN or infinite (a learning rate too high for the data, bf16 overflow)."""
+
+
+# value checks: key -> (test, what it must be)
+_CHECKS: dict[str, tuple[Callable[[typing.Any], bool], str]] = {
+    "crop_size": (lambda v: v >= 8, ">= 8"),
+    "grey_weight": (lambda v: v >= 0, ">= 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: 0 < v < math.inf, "> 0"),
+    "warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "decay_start_step": (lambda v: v >= 0, ">= 0"),
+    "decay_steps": (lambda v: v >= 0, ">= 0"),
+    "min_lr": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0"),
+    "ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
+    "threads": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_minutes": (lambda v: v > 0, "> 0"),
+}
+
+
+def config_problem(cfg: TrainConfig) -> str:
+    """'' if the values of `cfg` are usable, else one phrase naming the key, the value and what it must be."""
+    if cfg.precision not in PRECISIONS:
+        return f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}"
+    for name, (ok, must) in _CHECKS.items():
+        value = getattr(cfg, name)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            return f"{name} must be {must}, got {value!r}"
+    lo, hi = cfg.scale_range
+    if not 0 < lo <= hi:
+        return f"scale_range must be [min, max] with 0 < min <= max, got {list(cfg.scale_range)}"
+    if not cfg.out_dir:
+        return "out_dir must name a folder, got ''"
+    return ""
+
+
+def _type_problem(name: str, value: object, kind: object) -> tuple[str, object]:
+    """(problem or '', the value converted to the field's type)."""
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return "", value
+        if isinstance(value, float) and value.is_integer():
+            return "", int(value)
+        return f"{name} must be a whole number, got {value!r}", value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return f"{name} must be a number, got {value!r}", value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return "", float(value)
+        return f"{name} must be a number, got {value!r}", value
+    if kind is str:
+        return ("", value) if isinstance(value, str) else (f"{name} must be a string, got {value!r}", value)
+    # scale_range: tuple[float, float]
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return f"{name} must be a list of two numbers [min, max], got {value!r}", value
+    converted = []
+    for v in value:
+        problem, v = _type_problem(name, v, float)
+        if problem:
+            return f"{name} must be a list of two numbers [min, max], got {value!r}", value
+        converted.append(v)
+    return "", tuple(converted)
+
+
+def _read_yaml(path: str, what: str, fix: str) -> dict:
+    """A YAML mapping from `path`; ConfigError (one line: `what`, the file, the problem, `fix`) otherwise."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} '{path}' is a folder, not a YAML file; {fix}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} '{path}' not found; {fix}") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} '{path}' cannot be read ({exc.strerror or exc}); {fix}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where} ({problem}); fix the syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not a text file; {fix}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} '{path}' must be a mapping of key: value lines, got a {type(raw).__name__}; {fix}")
+    return raw
+
+
+def load_train_config(path: str | os.PathLike, **overrides) -> TrainConfig:
+    """Read a training YAML into a `TrainConfig`, checked: unknown keys, wrong types and bad values raise
+    `ConfigError` naming the file, the key, the value and what it must be. `overrides` (command-line values,
+    e.g. max_steps, out_dir) replace the file's."""
+    path = os.fspath(path)
+    raw = _read_yaml(path, "training config", "give a training YAML such as training_configurations/demo.yaml")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"training config '{path}': unknown key(s) {unknown}; valid keys are {valid}")
-    if "scale_range" in raw:
-        raw["scale_range"] = tuple(float(s) for s in raw["scale_range"])
-    return TrainConfig(**raw)
+        raise ConfigError(f"training config '{path}': unknown key(s) {unknown}; valid keys are {list(fields)}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    if not raw.get("model_config"):
+        raise ConfigError(f"training config '{path}': model_config is missing; set it to a model YAML such as "
+                          f"model_configurations/model_config_demo.yaml")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in list(raw.items()):
+        kind = hints[name]
+        problem, raw[name] = _type_problem(name, value, kind if kind in (int, float, str) else tuple)
+        if problem:
+            raise ConfigError(f"training config '{path}': {problem}")
+    try:
+        return TrainConfig(**raw)
+    except ConfigError as exc:
+        raise ConfigError(f"training config '{path}': {str(exc).removeprefix('training config: ')}") from None
+
+
+def resolve_model_config_path(path: str | os.PathLike) -> str:
+    """A relative model-config path is relative to the working directory, else to the repository."""
+    path = os.fspath(path)
+    if not os.path.isabs(path) and not os.path.isfile(path) and os.path.isfile(os.path.join(REPO_ROOT, path)):
+        path = os.path.join(REPO_ROOT, path)
+    return path
 
 
 def load_model_config(path: str | os.PathLike) -> dict:
-    """Read a model YAML (create_model keys only); a relative path may also be relative to the repository."""
-    path = os.fspath(path)
-    if not os.path.isabs(path) and not os.path.isfile(path):
-        path = os.path.join(REPO_ROOT, path)
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
+    """Read a model YAML (create_model keys only), checked: a relative path may also be relative to the
+    repository; the network it describes is built (on the meta device) so that a bad value fails here, as
+    a `ConfigError` naming the file. Its model_path is not used by training (see --export)."""
+    path = resolve_model_config_path(path)
+    cfg = _read_yaml(path, "model config", "set model_config in the training config to a model YAML such as "
+                                           "model_configurations/model_config_demo.yaml")
     unknown = sorted(set(cfg) - set(MODEL_CONFIG_DEFAULTS))
     if unknown:
-        raise ValueError(f"model config '{path}': unknown key(s) {unknown}; valid keys are {sorted(MODEL_CONFIG_DEFAULTS)}")
+        raise ConfigError(f"model config '{path}': unknown key(s) {unknown}; valid keys are {sorted(MODEL_CONFIG_DEFAULTS)}")
     if cfg.get("learn_sigma", MODEL_CONFIG_DEFAULTS["learn_sigma"]):
-        raise ValueError(f"model config '{path}': training learns ε only; set learn_sigma: false")
-    if not cfg.get("model_path"):
-        raise ValueError(f"model config '{path}': set model_path, the file that receives the trained weights")
+        raise ConfigError(f"model config '{path}': training learns ε only; set learn_sigma: false")
+    try:
+        with torch.device("meta"):
+            create_model(**{**cfg, "model_path": None})
+    except (ValueError, TypeError, KeyError) as exc:  # the constructor's checks of the architecture values
+        reason = " ".join(str(exc).split()).removeprefix("model config: ")
+        fix = "" if ";" in reason else "; fix that value"
+        raise ConfigError(f"model config '{path}': {reason}{fix}") from None
     return cfg
+
+
+def check_crop_size(cfg: TrainConfig, model_cfg: Mapping, where: str) -> None:
+    """The crops must pass the UNet's downsamplings: crop_size a multiple of 2^(levels − 1)."""
+    with torch.device("meta"):
+        factor = create_model(**{**model_cfg, "model_path": None}).downsample_factor
+    if cfg.crop_size % factor:
+        raise ConfigError(f"training config '{where}': crop_size {cfg.crop_size} is not a multiple of {factor} (the "
+                          f"model's total downsampling); use e.g. {max(factor, cfg.crop_size // factor * factor)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +352,10 @@ def train_step(state: TrainState, data: RandomCrops, cfg: TrainConfig, device: t
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, path: str | os.PathLike) -> None:
-    """The whole training state (model, EMA, optimiser, step, RNG states, configs, loss history)."""
+def save_checkpoint(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, path: str | os.PathLike,
+                    export: str | os.PathLike | None = None) -> None:
+    """The whole training state (model, EMA, optimiser, step, RNG states, configs, loss history, and the
+    --export path, so that resuming may rewrite the run's own export without --force)."""
     atomic_save_torch(
         {
             "step": state.step,
@@ -216,6 +367,7 @@ def save_checkpoint(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, pat
             "train_config": config_dict(cfg),
             "model_config": dict(model_cfg),
             "losses": torch.tensor(state.losses, dtype=torch.float64),
+            "export": "" if export is None else os.path.realpath(export),
         },
         path,
     )
@@ -232,17 +384,52 @@ def config_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def load_checkpoint(state: TrainState, path: str | os.PathLike, cfg: TrainConfig, model_cfg: Mapping) -> None:
-    """Restore `state` from `path`; the configs must match the checkpoint's except for run length."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+CHECKPOINT_KEYS = ("step", "model", "ema", "optimizer", "generator", "torch_rng", "train_config", "model_config",
+                   "losses")
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint (what `save_checkpoint` writes), checked; one-line errors otherwise."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        where = "is a folder" if os.path.isdir(path) else "not found"
+        raise ConfigError(f"--resume '{path}': {where}; give the {CHECKPOINT_NAME} of an earlier training run "
+                          f"(e.g. runs/demo_train/{CHECKPOINT_NAME}), or leave --resume out to start afresh")
+    ckpt = load_torch_file(path, what="--resume", fix=f"it is not a complete training checkpoint (interrupted copy?); "
+                                                       f"resume from another copy, or start afresh without --resume")
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, Mapping) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"--resume '{path}': not a training checkpoint (it lacks {', '.join(repr(k) for k in missing[:4])}); give "
+            f"the {CHECKPOINT_NAME} of a training run's out_dir (an exported prior such as models/demo_prior.pt holds "
+            f"the weights only and cannot be resumed)")
+    return dict(ckpt)
+
+
+def settings_diff(ckpt: Mapping, cfg: TrainConfig, model_cfg: Mapping) -> list[str]:
+    """The settings of `cfg` and `model_cfg` that differ from the checkpoint's (run length may change)."""
     saved = {k: v for k, v in ckpt["train_config"].items() if k not in RUN_LENGTH_KEYS}
     now = {k: v for k, v in config_dict(cfg).items() if k not in RUN_LENGTH_KEYS}
-    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if {k: v for k, v in ckpt["model_config"].items() if k != "model_path"} != {
-            k: v for k, v in dict(model_cfg).items() if k != "model_path"}:  # where the export goes may change
-        diff.append("model_config contents")
+    diff = [f"{k} (checkpoint {saved.get(k)!r}, now {now.get(k)!r})"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    saved_model = {k: v for k, v in ckpt["model_config"].items() if k != "model_path"}  # where it points may change
+    now_model = {k: v for k, v in dict(model_cfg).items() if k != "model_path"}
+    changed = sorted(k for k in set(saved_model) | set(now_model) if saved_model.get(k) != now_model.get(k))
+    if changed:
+        diff.append(f"model_config contents ({', '.join(changed)})")
+    return diff
+
+
+def load_checkpoint(state: TrainState, path: str | os.PathLike | Mapping, cfg: TrainConfig, model_cfg: Mapping) -> None:
+    """Restore `state` from a checkpoint (its path, or what `read_training_checkpoint` returned); the
+    configs must match the checkpoint's except for run length."""
+    ckpt = path if isinstance(path, Mapping) else read_training_checkpoint(path)
+    diff = settings_diff(ckpt, cfg, model_cfg)
     if diff:
-        raise ValueError(f"--resume '{path}': the checkpoint was trained with different settings: {diff}")
+        where = "" if isinstance(path, Mapping) else f" '{os.fspath(path)}'"
+        raise ConfigError(
+            f"--resume{where}: the checkpoint was trained with different settings: {'; '.join(diff)}; resume with "
+            f"the settings it was trained with (only {', '.join(RUN_LENGTH_KEYS)} may change) or start a new run")
     state.model.load_state_dict(ckpt["model"], strict=True)
     device = next(state.model.parameters()).device
     state.ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
@@ -261,25 +448,34 @@ def train(
     cfg: TrainConfig,
     model_cfg: Mapping,
     device: str | torch.device = "cpu",
-    resume: str | os.PathLike | None = None,
+    resume: str | os.PathLike | Mapping | None = None,
     max_minutes: float | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] = lambda: False,
+    export: str | os.PathLike | None = None,
+    data: RandomCrops | None = None,
 ) -> TrainState:
     """Train until cfg.max_steps, the time budget or `should_stop()`; checkpoint and export at the end.
 
-    `model_cfg` holds create_model keys; its `model_path` receives the EMA export. `resume` is a
-    checkpoint written by an earlier run with the same settings (run length may differ);
-    `max_minutes` is a wall-clock budget. Returns the final state; `state.losses` holds the loss of
-    every step since step 0.
+    Writes `<out_dir>/checkpoint.pt` and `<out_dir>/ema.pt` and, with `export`, the EMA weights to that
+    file too; nothing else (the model config's `model_path` is not used). `resume` is a checkpoint (path or
+    `read_training_checkpoint`'s dict) written by an earlier run with the same settings (run length may
+    differ); `max_minutes` is a wall-clock budget. Returns the final state; `state.losses` holds the loss
+    of every step since step 0. `data`: the training crops if already built from cfg (else built here). No
+    checks of existing files here: the command line (`main`) does those.
     """
     device = torch.device(device)
-    data = RandomCrops(cfg.data, cfg.crop_size, cfg.scale_range, cfg.grey_weight)
+    if data is None:
+        data = RandomCrops(cfg.data, cfg.crop_size, cfg.scale_range, cfg.grey_weight)
     state = build_state(cfg, model_cfg, device)
     ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
     if resume is not None:
         load_checkpoint(state, resume, cfg, model_cfg)
-        log.info("resumed from %s at step %d", resume, state.step)
+        log.info("resumed %sat step %d", "" if isinstance(resume, Mapping) else f"from {os.fspath(resume)} ",
+                 state.step)
+        if state.step >= cfg.max_steps:
+            log.info("the checkpoint is at step %d >= max_steps %d: no training steps, saving only (raise max_steps "
+                     "or pass --max_steps to train on)", state.step, cfg.max_steps)
     n_params = sum(p.numel() for p in state.model.parameters())
     log.info("model %.2fM parameters; %d training images; %s crops of %d px, batch %d, %s on %s",
              n_params / 1e6, len(data), cfg.data, cfg.crop_size, cfg.batch_size, cfg.precision, device)
@@ -293,61 +489,221 @@ def train(
         while state.step < cfg.max_steps and time.monotonic() < deadline and not should_stop():
             loss = train_step(state, data, cfg, device)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged at step {state.step}: loss {loss}")
+                raise TrainingDiverged(
+                    f"training diverged at step {state.step}: loss {loss}; lower lr (now {cfg.lr:g}) or grad_clip in "
+                    f"the training config, or use precision: fp32, and resume from the last checkpoint "
+                    f"'{ckpt_path}' or start afresh")
             recent = state.losses[-100:]
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)  # mean of the last 100
             if time.monotonic() - last_save >= 60.0 * cfg.checkpoint_minutes:
-                _save(state, cfg, model_cfg, ckpt_path, start, first_step)
+                _save(state, cfg, model_cfg, ckpt_path, start, first_step, export)
                 last_save = time.monotonic()
     bar.close()
-    _save(state, cfg, model_cfg, ckpt_path, start, first_step)
+    _save(state, cfg, model_cfg, ckpt_path, start, first_step, export)
     return state
 
 
-def _save(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, ckpt_path: str, start: float, first_step: int) -> None:
-    save_checkpoint(state, cfg, model_cfg, ckpt_path)
-    export_ema(state, model_cfg["model_path"])
+def _save(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, ckpt_path: str, start: float, first_step: int,
+          export: str | os.PathLike | None) -> None:
+    ema_path = os.path.join(cfg.out_dir, EMA_NAME)
+    written = [ckpt_path, ema_path] + ([] if export is None else [os.fspath(export)])
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_checkpoint(state, cfg, model_cfg, ckpt_path, export)
+        export_ema(state, ema_path)
+        if export is not None:
+            export_ema(state, export)
+    except OSError as exc:
+        raise RunFolderError(
+            f"cannot write the training outputs {written} ({type(exc).__name__}: {exc.strerror or exc}); free some "
+            f"space or choose a writable out_dir / --export, then --resume '{ckpt_path}' if it was written before"
+        ) from None
     elapsed = time.monotonic() - start
     recent = state.losses[-200:]
-    log.info("step %d  loss(last %d) %.4f  %.2f s/step  %.1f min  saved %s and %s",
+    log.info("step %d  loss(last %d) %.4f  %.2f s/step  %.1f min  saved %s",
              state.step, len(recent), sum(recent) / max(len(recent), 1),
-             elapsed / max(state.step - first_step, 1), elapsed / 60, ckpt_path, model_cfg["model_path"])
+             elapsed / max(state.step - first_step, 1), elapsed / 60, " and ".join(written))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m guided_diffusion.train", description=__doc__.split("\n")[0])
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (python -m guided_diffusion.train --help lists the options)\n")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N (or leave it out)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or leave it out)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise ConfigError(f"--device {name}: training runs on cpu or cuda; use --device cpu or cuda")
+    return device
+
+
+def tracked_by_git(path: str | os.PathLike) -> bool:
+    """Whether `path` is a file tracked by the git repository it lies in (False without git or a repository)."""
+    path = os.path.abspath(path)
+    try:
+        done = subprocess.run(["git", "-C", os.path.dirname(path), "ls-files", "--error-unmatch", "--",
+                               os.path.basename(path)], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_out_dir(cfg: TrainConfig, resume: str | None, force: bool) -> None:
+    """A fresh run must not overwrite another run's checkpoint in out_dir (one run per run folder)."""
+    existing = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
+    if not os.path.exists(existing) or (resume is not None and _same_file(existing, resume)):
+        return
+    if force:
+        log.warning("--force: overwriting the training checkpoint '%s' of an earlier run", existing)
+        return
+    how = (f"continue it with --resume {existing}" if resume is None
+           else f"resume from '{existing}' instead of '{resume}'")
+    raise RunFolderError(
+        f"out_dir '{cfg.out_dir}' already holds another training run ('{existing}'); {how}, set another out_dir "
+        f"(--out_dir DIR), or pass --force to overwrite it")
+
+
+def check_export(export: str, model_cfg: Mapping, model_cfg_path: str, out_dir: str, resumed: Mapping | None,
+                 force: bool) -> str:
+    """The --export path, checked: not a folder, not the checkpoint, in a writable folder, and not an existing
+    file (the shipped prior, a file tracked by git, the model config's model_path, anything else) unless
+    it is the resumed run's own export or `force`."""
+    if not export or os.path.isdir(export):
+        raise ConfigError(f"--export {export!r} is {'a folder' if export else 'empty'}; give the file that receives "
+                          f"the EMA weights, e.g. {os.path.join(out_dir, 'prior.pt')}")
+    if _same_file(export, os.path.join(out_dir, CHECKPOINT_NAME)):
+        raise ConfigError(f"--export '{export}' is the training checkpoint; export to another file, e.g. "
+                          f"{os.path.join(out_dir, 'prior.pt')}")
+    if os.path.exists(export):
+        own = resumed is not None and resumed.get("export") and _same_file(export, resumed["export"])
+        if not own:
+            model_path = model_cfg.get("model_path")
+            candidates = [] if not model_path else [model_path, os.path.join(REPO_ROOT, model_path)]
+            if tracked_by_git(export):
+                what = "a file tracked by git" + (" (the shipped demo prior)"
+                                                  if _same_file(export, os.path.join(REPO_ROOT, "models", "demo_prior.pt"))
+                                                  else "")
+            elif any(_same_file(export, c) for c in candidates if os.path.exists(c)):
+                what = f"the model_path of the model config '{model_cfg_path}' (the prior dcdp.py loads)"
+            else:
+                what = "an existing file"
+            if not force:
+                raise ConfigError(
+                    f"--export '{export}' is {what}; training does not overwrite it unless told to: export to a new file "
+                    f"(e.g. {os.path.join(out_dir, 'prior.pt')}), or pass --force to replace it")
+            log.warning("--force: --export overwrites %s, '%s'", what, export)
+    folder = os.path.dirname(os.path.abspath(export))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--export '{export}': cannot write in the folder '{folder}' ({type(exc).__name__}: "
+                          f"{exc.strerror or exc}); choose a writable path") from None
+    return export
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m guided_diffusion.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="training YAML, e.g. training_configurations/demo.yaml")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--export", default=None, metavar="PATH",
+                   help="also write the EMA weights here (besides <out_dir>/ema.pt); an existing file is refused "
+                        "without --force unless it is the resumed run's own export")
+    p.add_argument("--force", action="store_true",
+                   help="allow --export to overwrite an existing file (e.g. models/demo_prior.pt) and a fresh run to "
+                        "overwrite another run's checkpoint in out_dir")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from, e.g. runs/demo_train/checkpoint.pt")
     p.add_argument("--max_minutes", type=float, default=None, help="stop cleanly (and save) after this many minutes")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-
-    cfg = load_train_config(args.config)
-    model_cfg = load_model_config(cfg.model_config)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(cfg.threads)
-    if device == "cpu" and cfg.threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        log.info("hint: on a CPU shared with other processes, start with OMP_WAIT_POLICY=PASSIVE; spinning "
-                 "OpenMP threads made training steps up to 7x slower here when another process was running")
-
-    stop = {"requested": False}
-
-    def request_stop(signum, frame):  # SIGTERM / SIGINT: finish the step, save, exit
-        log.info("signal %d: stopping after this step", signum)
-        stop["requested"] = True
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    p.add_argument("--max_steps", type=int, default=None, help="train up to this step (overrides the config's max_steps)")
+    p.add_argument("--out_dir", default=None, help="the run folder (overrides the config's out_dir)")
     try:
-        log.info("config %s: %s", args.config, config_dict(cfg))
-        log.info("model config %s: %s", cfg.model_config, model_cfg)
-        train(cfg, model_cfg, device, resume=args.resume, max_minutes=args.max_minutes,
-              should_stop=lambda: stop["requested"])
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    try:
+        return _run(args)
+    except DCDPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.max_minutes is not None and not args.max_minutes >= 0:
+        raise ConfigError(f"--max_minutes {args.max_minutes:g}: must be >= 0 (minutes of training)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ConfigError(f"--max_steps {args.max_steps}: must be >= 1")
+    if args.out_dir == "":
+        raise ConfigError("--out_dir '': give a folder")
+    cfg = load_train_config(args.config, max_steps=args.max_steps, out_dir=args.out_dir)
+    model_cfg_path = resolve_model_config_path(cfg.model_config)
+    model_cfg = load_model_config(cfg.model_config)
+    check_crop_size(cfg, model_cfg, args.config)
+    device = pick_device(args.device)
+    resumed = None
+    if args.resume is not None:
+        resumed = read_training_checkpoint(args.resume)
+        diff = settings_diff(resumed, cfg, model_cfg)
+        if diff:
+            raise ConfigError(
+                f"--resume '{args.resume}': the checkpoint was trained with different settings than '{args.config}': "
+                f"{'; '.join(diff)}; resume with the settings it was trained with (only {', '.join(RUN_LENGTH_KEYS)} "
+                f"may change) or start a new run")
+    torch.set_num_threads(cfg.threads)
+    data = RandomCrops(cfg.data, cfg.crop_size, cfg.scale_range, cfg.grey_weight)  # bad data fails before any output
+
+    with RunLock(cfg.out_dir, flag="--out_dir"):  # one training run per out_dir
+        check_out_dir(cfg, args.resume, args.force)
+        export = None if args.export is None else check_export(args.export, model_cfg, model_cfg_path, cfg.out_dir,
+                                                                 resumed, args.force)
+        if export is None:
+            log.info("the EMA weights go to %s (no --export)", os.path.join(cfg.out_dir, EMA_NAME))
+        if device.type == "cpu" and cfg.threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            log.info("hint: on a CPU shared with other processes, start with OMP_WAIT_POLICY=PASSIVE; spinning "
+                     "OpenMP threads made training steps up to 7x slower here when another process was running")
+        stop = {"requested": False}
+
+        def request_stop(signum, frame):  # SIGTERM / SIGINT: finish the step, save, exit
+            log.info("signal %d: stopping after this step", signum)
+            stop["requested"] = True
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            log.info("config %s: %s", args.config, config_dict(cfg))
+            log.info("model config %s: %s", model_cfg_path, model_cfg)
+            train(cfg, model_cfg, device, resume=resumed, max_minutes=args.max_minutes,
+                  should_stop=lambda: stop["requested"], export=export, data=data)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

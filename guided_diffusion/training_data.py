@@ -18,10 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.errors import ConfigError
 from util.image_io import DATASETS
 
 IMAGE_SUFFIXES = DATASETS["folder"].extensions  # what dcdp.py reads from a folder
 HELD_OUT = ("astronaut", "coffee")  # the evaluation images in data/demo/
+
+
+class TrainingDataError(ConfigError):
+    """The training images (the training config's `data`, `crop_size`, `scale_range`, `grey_weight`) cannot be used."""
+
+
+class MissingTrainingData(TrainingDataError, FileNotFoundError):
+    """The training config's `data` folder does not exist."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"training image: expected (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+        raise TrainingDataError(f"training image: expected (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
     a = a[..., :3] if a.shape[-1] == 4 else a
     a = np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
     if a.dtype == np.uint8:
@@ -65,7 +74,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
         return np.round(a / 257.0).astype(np.uint8)
     if a.dtype == np.bool_ or np.issubdtype(a.dtype, np.floating):
         return np.round(np.clip(a.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ValueError(f"training image: unsupported dtype {a.dtype}; use uint8, uint16 or floats in [0, 1]")
+    raise TrainingDataError(f"training image: unsupported dtype {a.dtype}; use uint8, uint16 or floats in [0, 1]")
 
 
 def load_skimage_images(names: Sequence[str] | None = None) -> list[np.ndarray]:
@@ -76,7 +85,7 @@ def load_skimage_images(names: Sequence[str] | None = None) -> list[np.ndarray]:
     names = known if names is None else list(names)
     bad = [n for n in names if n not in known]
     if bad:
-        raise ValueError(f"training data: {bad} are not training images; valid names are {known} "
+        raise TrainingDataError(f"training data: {bad} are not training images; valid names are {known} "
                          f"({', '.join(HELD_OUT)} are held out for evaluation)")
     return [to_rgb_uint8(getattr(skimage.data, n)()) for n in names]
 
@@ -87,14 +96,21 @@ def load_folder(path: str | os.PathLike) -> list[np.ndarray]:
 
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"training data: folder '{path}' does not exist")
+        raise MissingTrainingData(f"training data: folder '{path}' does not exist; set data: in the training config "
+                                  f"to a folder of images, or to skimage (the scikit-image photographs)")
     files = sorted(f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"training data: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in '{path}'")
+        raise TrainingDataError(f"training data: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in '{path}'; "
+                                f"put the training images there, or set data: skimage in the training config")
     images = []
     for f in files:
-        with Image.open(os.path.join(path, f)) as im:
-            images.append(to_rgb_uint8(np.asarray(im.convert("RGB"))))
+        file = os.path.join(path, f)
+        try:
+            with Image.open(file) as im:
+                images.append(to_rgb_uint8(np.asarray(im.convert("RGB"))))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # PIL: UnidentifiedImageError, truncated
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise TrainingDataError(f"training data: cannot read image '{file}' ({reason}); replace or remove it") from None
     return images
 
 
@@ -132,17 +148,19 @@ class RandomCrops:
         self.crop_size = int(crop_size)
         lo, hi = (float(s) for s in scale_range)
         if not 0 < lo <= hi:
-            raise ValueError(f"training data: scale_range must satisfy 0 < min <= max, got {scale_range}")
+            raise TrainingDataError(f"training data: scale_range must satisfy 0 < min <= max, got {list(scale_range)}")
         self.log_scale_range = (math.log(lo), math.log(hi))
-        small = [i for i, im in enumerate(self.images) if min(im.shape[1:]) < self.crop_size]
+        small = [f"#{i} ({im.shape[1]}x{im.shape[2]})" for i, im in enumerate(self.images) if min(im.shape[1:]) < self.crop_size]
         if small:
-            raise ValueError(f"training data: images {small} are smaller than crop_size={self.crop_size}")
+            raise TrainingDataError(f"training data: images {', '.join(small[:5])} are smaller than crop_size="
+                                    f"{self.crop_size} (images in name order); lower crop_size or use larger images")
         if grey_weight < 0:
-            raise ValueError(f"training data: grey_weight must be >= 0, got {grey_weight}")
+            raise TrainingDataError(f"training data: grey_weight must be >= 0, got {grey_weight}")
         w = [grey_weight if _is_grey(im.permute(1, 2, 0).numpy()) else 1.0 for im in self.images]
         self.weights = torch.tensor(w, dtype=torch.float64)
         if self.weights.sum() <= 0:
-            raise ValueError("training data: every image has weight 0 (all greyscale and grey_weight=0)")
+            raise TrainingDataError("training data: every image has weight 0 (all greyscale and grey_weight=0); "
+                                    "raise grey_weight or add colour images")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -101,6 +101,8 @@ class RunLock:
         argv: what the lock records as the command line (default: sys.orig_argv, the interpreter included).
         unreadable_wait_s: how long an empty or malformed lock file is re-read before it is taken over.
         join_wait_s: with create=False, how long to wait for the lock to appear.
+        flag: the option that chooses the folder, named in the messages ("--save_dir"; the training
+            command's is "--out_dir").
 
     After `acquire()`: `owned` is True when this process created (or took over) the file and will delete
     it on `release()`; `record` is the lock's JSON record (ours, or the one we joined).
@@ -115,6 +117,7 @@ class RunLock:
         argv: Sequence[str] | None = None,
         unreadable_wait_s: float = 2.0,
         join_wait_s: float = 60.0,
+        flag: str = "--save_dir",
     ):
         if not create and shared_id is None:
             raise ValueError("RunLock(create=False) joins a lock of the same run: give its shared_id")
@@ -125,6 +128,7 @@ class RunLock:
         self.argv = list((getattr(sys, "orig_argv", None) or sys.argv) if argv is None else argv)
         self.unreadable_wait_s = unreadable_wait_s
         self.join_wait_s = join_wait_s
+        self.flag = flag
         self.owned = False
         self.record: dict | None = None
         self._pid: int | None = None  # the process that acquired (a forked child must not release)
@@ -139,7 +143,7 @@ class RunLock:
         except OSError as exc:
             raise RunFolderError(
                 f"cannot create run folder '{self.folder}' ({type(exc).__name__}: {exc.strerror or exc}); "
-                f"use a writable --save_dir") from None
+                f"use a writable {self.flag}") from None
         join_deadline = time.monotonic() + self.join_wait_s
         while True:
             if self.create and self._try_create():
@@ -221,7 +225,7 @@ class RunLock:
         except OSError as exc:
             raise RunFolderError(
                 f"cannot create the lock '{self.path}' ({type(exc).__name__}: {exc.strerror or exc}); "
-                f"use a writable --save_dir") from None
+                f"use a writable {self.flag}") from None
         try:
             os.write(fd, (json.dumps(record) + "\n").encode())  # one write: readers see all of it or nothing
             os.fsync(fd)
@@ -230,7 +234,7 @@ class RunLock:
             os.unlink(self.path)
             raise RunFolderError(
                 f"cannot write the lock '{self.path}' ({type(exc).__name__}: {exc.strerror or exc}); "
-                f"free some space or use another --save_dir") from None
+                f"free some space or use another {self.flag}") from None
         os.close(fd)
         self.record, self.owned, self._pid = record, True, record["pid"]
         return True
@@ -294,5 +298,5 @@ class RunLock:
         if len(command) > 200:
             command = command[:197] + "..."
         return (f"run folder '{self.folder}' is in use by pid {record['pid']} on host {record.get('host')} since "
-                f"{record.get('started')} (started as: {command}); wait for it to finish, or use another --save_dir; "
+                f"{record.get('started')} (started as: {command}); wait for it to finish, or use another {self.flag}; "
                 f"if no such run is alive, delete '{self.path}'")
