@@ -56,6 +56,11 @@ from guided_diffusion.config import load_model_config, load_purification_config,
 from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
 from guided_diffusion.solver import cuda_graph_failures, run_dcdp  # noqa: E402
+from util.errors import ConfigError, DCDPError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
+DEMO_TASKS = sorted(p.stem for p in (ROOT / "purification_configurations" / "demo").glob("*.yaml"))
+COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
 CPU_MODEL = {  # the demo UNet's architecture, random weights
     "image_size": 64, "num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,1,2,4", "learn_sigma": False,
@@ -231,7 +236,8 @@ def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Option
     }
 
 
-def parse_row(spec: str, parser) -> tuple[str, int, Optional[int]]:
+def parse_row(spec: str, parser=None) -> tuple[str, int, Optional[int]]:
+    """TASK:BATCH[:ROUNDS] → (task, batch, rounds or None); ConfigError naming the spec otherwise."""
     parts = spec.split(":")
     try:
         if parts[0] not in TASKS or len(parts) not in (2, 3):
@@ -241,8 +247,8 @@ def parse_row(spec: str, parser) -> tuple[str, int, Optional[int]]:
             raise ValueError
         return parts[0], batch, rounds
     except ValueError:
-        parser.error(f"--rows: '{spec}' is not TASK:BATCH[:ROUNDS] with TASK one of {', '.join(sorted(TASKS))} "
-                     f"and BATCH, ROUNDS positive integers")
+        raise ConfigError(f"--rows: '{spec}' is not TASK:BATCH[:ROUNDS] with TASK one of {', '.join(sorted(TASKS))} "
+                          f"and BATCH, ROUNDS positive integers, e.g. super_resolution:8:2") from None
 
 
 def table(rows: list[dict]) -> str:
@@ -325,8 +331,66 @@ def parity_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (python scripts/benchmark.py --help lists the options)\n")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
+                              f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_args(args) -> None:
+    """The flags' values, checked before anything runs: one ConfigError naming the flag, value and fix."""
+    if args.images < 1:
+        raise ConfigError(f"--images {args.images}: must be >= 1 (timed runs after the warm-up)")
+    bad = [b for b in args.batch_sizes if b < 1]
+    if bad:
+        raise ConfigError(f"--batch_sizes {' '.join(map(str, args.batch_sizes))}: every batch size must be >= 1")
+    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
+        raise ConfigError(f"--image_size {args.image_size}: must be a positive multiple of 8 (e.g. 64, 256)")
+    if args.max_rounds is not None and args.max_rounds < 1:
+        raise ConfigError(f"--max_rounds {args.max_rounds}: must be >= 1 (or leave it out for the full K)")
+    if args.budget_s is not None and not args.budget_s >= 0:
+        raise ConfigError(f"--budget_s {args.budget_s:g}: must be >= 0 seconds")
+    if args.max_images is not None and args.max_images < 1:
+        raise ConfigError(f"--max_images {args.max_images}: must be >= 1 (or leave it out for all images)")
+    for flag, path in (("--model_config", args.model_config),
+                       ("--parity_model_config", args.parity_model_config if args.parity else None)):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} '{path}' not found; give a model YAML, e.g. "
+                              f"model_configurations/model_config_demo.yaml")
+        load_model_config(path)  # ConfigError naming the file and key for a malformed config
+    if args.json:
+        folder = Path(args.json).resolve().parent
+        if Path(args.json).is_dir():
+            raise ConfigError(f"--json '{args.json}' is a folder; give a file name, e.g. bench.json")
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--json '{args.json}': cannot write in the folder '{folder}' "
+                              f"({exc.strerror or type(exc).__name__}); create it or choose a writable path") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", default=["super_resolution", "inpainting", "gaussian_deblur", "motion_deblur",
                                                    "phase_retrieval"], choices=sorted(TASKS))
     p.add_argument("--paths", nargs="+", default=["official", "reference", "fast"], choices=("official", "reference", "fast"))
@@ -341,7 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--random_weights", action="store_true", help="allow random weights (timing only)")
     p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--no_compile", action="store_true")
-    p.add_argument("--compile_mode", default="reduce-overhead",
+    p.add_argument("--compile_mode", default="reduce-overhead", choices=COMPILE_MODES,
                    help="torch.compile mode of the fast path on CUDA (reduce-overhead: with CUDA graphs; "
                         "'default': without; max-autotune: slow to compile)")
     p.add_argument("--device", default="auto")
@@ -350,13 +414,25 @@ def main(argv=None) -> int:
     p.add_argument("--parity", action="store_true",
                    help="quality parity of --fast against the reference path on the demo prior and images")
     p.add_argument("--parity_tasks", nargs="+", default=["super_resolution", "gaussian_deblur", "motion_deblur",
-                                                          "inpainting", "denoising"])
+                                                          "inpainting", "denoising"], choices=DEMO_TASKS)
     p.add_argument("--parity_model_config", default=str(ROOT / "model_configurations" / "model_config_demo.yaml"))
     p.add_argument("--max_images", type=int, default=None, help="--parity: images per task (default: all)")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    try:
+        return run(args)
+    except DCDPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def run(args) -> int:
+    check_args(args)
     if args.compile_mode == "default":
         args.compile_mode = True
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     if args.model_config is None and device.type == "cuda":
         args.model_config = str(ROOT / "model_configurations" / "model_config_ffhq.yaml")
     if args.image_size is None:
@@ -365,18 +441,19 @@ def main(argv=None) -> int:
         rows = parity(args, device)
         print(parity_table(rows))
         return 0 if all(r["within_0_05_db"] for r in rows) else 1
+    if args.rows:
+        plan = [(task, path, batch, rounds) for spec in args.rows for task, batch, rounds in [parse_row(spec)]
+                for path in args.paths]
+        if any(path != "fast" and batch != 1 for _, path, batch, _ in plan):
+            raise ConfigError("--rows: the official and reference paths run at batch 1 only; give batch 1 or "
+                              "--paths fast")
+    else:
+        plan = [(task, path, batch, None) for task in args.tasks for path in args.paths
+                for batch in (args.batch_sizes if path == "fast" else [1])]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if args.rows:
-        plan = [(task, path, batch, rounds) for spec in args.rows for task, batch, rounds in [parse_row(spec, p)]
-                for path in args.paths]
-        if any(path != "fast" and batch != 1 for _, path, batch, _ in plan):
-            p.error("--rows: the official and reference paths run at batch 1 only")
-    else:
-        plan = [(task, path, batch, None) for task in args.tasks for path in args.paths
-                for batch in (args.batch_sizes if path == "fast" else [1])]
     rows = []
     start = time.perf_counter()
     for task, path, batch, rounds in plan:
@@ -385,6 +462,8 @@ def main(argv=None) -> int:
         else:
             try:
                 row = bench_one(task, path, batch, args, device, rounds)
+            except DCDPError as exc:  # this row's config or checkpoint: one line, the other rows go on
+                row = {"task": task, "path": path, "batch": batch, "error": f"{type(exc).__name__}: {exc}"}
             except Exception as exc:  # one failed row (OOM, compiler) must not lose the others
                 traceback.print_exc()
                 message = str(exc).splitlines()[0] if str(exc) else ""

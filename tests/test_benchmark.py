@@ -67,13 +67,52 @@ def test_rows_run_in_order_with_their_rounds_and_a_failed_row_is_recorded(tmp_pa
     rows = json.loads(out.read_text())
     assert [(r["task"], r["batch"], r["rounds_timed"]) for r in rows] == [("phase_retrieval", 2, 1),
                                                                          ("super_resolution", 1, 2)]
-    # a broken row (here: a model config that does not exist) is recorded, the next rows still run,
-    # and rows past --budget_s are skipped
-    assert benchmark.main(common + ["--rows", "super_resolution:1", "gaussian_deblur:1", "--budget_s", "0",
-                                    "--model_config", str(tmp_path / "missing.yaml")]) == 1
+
+
+def test_a_failed_row_is_recorded_and_the_others_go_on(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    model = tmp_path / "tiny.yaml"
+    model.write_text(yaml.safe_dump(TINY_UNET))
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+
+    monkeypatch.setattr(benchmark, "bench_one", out_of_memory)
+    # a broken row (here: out of memory) is recorded, the next rows still run, rows past --budget_s are skipped
+    assert benchmark.main(["--paths", "fast", "--images", "1", "--image_size", "32", "--random_weights", "--device",
+                           "cpu", "--json", str(out), "--rows", "super_resolution:1", "gaussian_deblur:1",
+                           "--budget_s", "0", "--model_config", str(model)]) == 1
     rows = json.loads(out.read_text())
-    assert "FileNotFoundError" in rows[0]["error"] or "missing.yaml" in rows[0]["error"]
+    assert rows[0]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert rows[1]["error"] == "skipped: --budget_s reached"
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--images", "0"], "--images 0: must be >= 1"),
+    (["--batch_sizes", "1", "0"], "--batch_sizes 1 0: every batch size must be >= 1"),
+    (["--image_size", "30"], "--image_size 30: must be a positive multiple of 8"),
+    (["--max_rounds", "0"], "--max_rounds 0: must be >= 1"),
+    (["--budget_s", "-5"], "--budget_s -5: must be >= 0 seconds"),
+    (["--max_images", "0"], "--max_images 0: must be >= 1"),
+    (["--images", "three"], "argument --images: invalid int value: 'three'"),
+    (["--tasks", "deblurring"], "argument --tasks: invalid choice: 'deblurring'"),
+    (["--compile_mode", "fastest"], "argument --compile_mode: invalid choice: 'fastest'"),
+    (["--parity", "--parity_tasks", "phase_retrieval"], "argument --parity_tasks: invalid choice: 'phase_retrieval'"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a device; use auto, cpu, cuda or cuda:N"),
+    (["--rows", "super_resolution:two"], "--rows: 'super_resolution:two' is not TASK:BATCH[:ROUNDS]"),
+    (["--rows", "super_resolution:8"], "--rows: the official and reference paths run at batch 1 only"),
+    (["--model_config", "MISSING"], "--model_config 'MISSING' not found; give a model YAML"),
+    (["--parity", "--parity_model_config", "MISSING"], "--parity_model_config 'MISSING' not found"),
+    (["--json", "no/such/folder/b.json"], "--json 'no/such/folder/b.json': cannot write in the folder"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, flags, expected):
+    monkeypatch.chdir(tmp_path)
+    assert benchmark.main(["--random_weights", "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert expected in lines[0], lines[0]
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
 def test_parity_mode_compares_fast_with_reference_on_the_demo_prior(tmp_path, capsys):
