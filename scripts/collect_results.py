@@ -6,15 +6,26 @@
 Every `summary.json` below the given folders is one row: task (operator), dataset, measurement noise σ,
 prior (model checkpoint), K, τ, purification (full DDIM or Tweedie), images restored / failed, the
 metrics after the final purification, and seconds per image. Rows are sorted by task, dataset and σ.
-The markdown table goes to stdout; --csv and --json write the same rows to files.
+The markdown table goes to stdout; --csv and --json write the same rows to files. A summary.json that
+cannot be read is skipped with one line on stderr; a user error (a folder that does not exist, no finished
+runs, a bad flag, an unwritable --csv/--json) ends the command with one line `error: ...` and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
+import tempfile
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: python scripts/collect_results.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from util.errors import ConfigError, DCDPError, RunFolderError  # noqa: E402
+
+EXIT_BAD_INPUT = 2
 
 COLUMNS = ("task", "dataset", "sigma", "prior", "K", "tau", "purification", "images", "failed",
            "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std", "seconds_per_image", "run_dir")
@@ -56,17 +67,26 @@ def row_of(summary: dict, path: Path) -> dict:
 
 
 def collect(folders: list[Path]) -> list[dict]:
+    """One row per readable summary.json below `folders`; RunFolderError for a folder that is not one.
+    A summary that cannot be read or is not a dcdp.py summary is skipped with one line on stderr."""
     rows = []
     for folder in folders:
         if not folder.is_dir():
-            raise SystemExit(f"error: '{folder}' is not a folder; give the --save_dir of your dcdp.py runs")
+            what = "does not exist" if not folder.exists() else "is not a folder"
+            raise RunFolderError(f"'{folder}' {what}; give the --save_dir folders of your dcdp.py runs "
+                                 f"(default ./purification_results)")
         for path in sorted(folder.rglob("summary.json")):
             try:
                 summary = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 print(f"skipping '{path}': not a readable summary ({exc.__class__.__name__})", file=sys.stderr)
                 continue
-            rows.append(row_of(summary, path))
+            try:
+                if not isinstance(summary, dict):
+                    raise TypeError(f"a JSON {type(summary).__name__}, not an object")
+                rows.append(row_of(summary, path))
+            except (AttributeError, TypeError, ValueError, KeyError) as exc:  # malformed fields
+                print(f"skipping '{path}': not a dcdp.py summary ({exc.__class__.__name__}: {exc})", file=sys.stderr)
     return sorted(rows, key=lambda r: (r["task"], r["dataset"], float(r["sigma"] or 0), r["run_dir"]))
 
 
@@ -87,24 +107,65 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (python scripts/collect_results.py --help lists the options)\n")
+
+
+def _write(flag: str, path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"{flag} '{path}': cannot write it ({exc.strerror or type(exc).__name__}); choose a "
+                          f"writable file path") from None
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="*", default=["./purification_results"], help="--save_dir folders of dcdp.py runs")
     p.add_argument("--csv", default=None, help="also write the rows as CSV here")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    args = p.parse_args(argv)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    try:
+        return run(args)
+    except DCDPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def run(args) -> int:
+    for flag, path in (("--csv", args.csv), ("--json", args.json)):  # before any other output
+        if path is None:
+            continue
+        if not path or Path(path).is_dir():
+            raise ConfigError(f"{flag} {path!r} is {'a folder' if path else 'empty'}; give a file name, e.g. "
+                              f"table.{flag[2:]}")
+        folder = Path(path).resolve().parent
+        try:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+                pass
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ConfigError(f"{flag} '{path}': cannot write in the folder '{folder}' ({reason}); create it or "
+                              f"choose a writable path") from None
     rows = collect([Path(f) for f in args.folders])
     if not rows:
-        print(f"no finished runs (summary.json) under {', '.join(args.folders)}", file=sys.stderr)
-        return 1
-    print(markdown(rows))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        raise RunFolderError(f"no finished runs (summary.json) under {', '.join(args.folders)}; give the --save_dir "
+                             f"of finished dcdp.py runs (a run writes summary.json when it ends)")
+    if args.csv:  # the files first: a bad path fails before the table is printed
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        _write("--csv", args.csv, buffer.getvalue())
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        _write("--json", args.json, json.dumps(rows, indent=1))
+    print(markdown(rows))
     return 0
 
 

@@ -2,8 +2,6 @@
 import csv
 import json
 
-import pytest
-
 import dcdp
 from scripts import collect_results
 from tests.test_driver import args, setup  # noqa: F401 - the tiny-run fixture
@@ -25,8 +23,53 @@ def test_runs_become_rows_in_markdown_csv_and_json(setup, tmp_path, capsys):  # 
     assert len(list(csv.DictReader(out_csv.open()))) == 2
 
 
-def test_no_runs_and_bad_folders_are_reported(tmp_path, capsys):
-    assert collect_results.main([str(tmp_path)]) == 1
-    assert "no finished runs" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="is not a folder"):
-        collect_results.main([str(tmp_path / "missing")])
+def one_error(code, capsys) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_no_runs_and_bad_folders_are_one_line_errors(tmp_path, capsys):
+    line = one_error(collect_results.main([str(tmp_path)]), capsys)
+    assert line.startswith(f"error: no finished runs (summary.json) under {tmp_path}; give the --save_dir")
+    line = one_error(collect_results.main([str(tmp_path / "missing")]), capsys)
+    assert f"'{tmp_path / 'missing'}' does not exist; give the --save_dir folders" in line
+    (tmp_path / "file.txt").write_text("x")
+    assert "is not a folder" in one_error(collect_results.main([str(tmp_path / "file.txt")]), capsys)
+    assert "unrecognized arguments: --markdown" in one_error(collect_results.main(["--markdown"]), capsys)
+    assert "argument --csv: expected one argument" in one_error(collect_results.main(["--csv"]), capsys)
+    assert "--json '' is empty" in one_error(collect_results.main([str(tmp_path), "--json", ""]), capsys)
+    assert "--csv" in one_error(collect_results.main([str(tmp_path), "--csv", str(tmp_path)]), capsys)
+
+
+def test_malformed_summaries_are_skipped_and_unwritable_outputs_refused(tmp_path, capsys):
+    good = {"resolved": {"task": {"operator": {"name": "inpainting"}, "noise": {"sigma": 0.05}},
+                         "purification": {"total_num_iterations": 20, "csgm_num_iterations": 50},
+                         "dataset": {"name": "ffhq"}, "model": {"model_path": "models/ffhq_10m.pt"}},
+            "ok": 3, "failed": 0, "metrics": {"psnr": {"mean": 25.0, "std": 1.0}}}
+    for name, content in (("a", json.dumps(good)), ("b", "[1, 2]"), ("c", json.dumps({"metrics": [1]})),
+                          ("d", "{truncated")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(content)
+    assert collect_results.main([str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("| inpainting |") == 1 and "25.00 ± 1.00" in captured.out
+    skipped = [line for line in captured.err.splitlines() if line.startswith("skipping")]
+    assert len(skipped) == 3 and all("Traceback" not in line for line in captured.err.splitlines())
+    line = one_error(collect_results.main([str(tmp_path), "--csv", str(tmp_path / "no" / "such" / "t.csv")]), capsys)
+    assert line.startswith(f"error: --csv '{tmp_path / 'no' / 'such' / 't.csv'}': cannot write in the folder")
+
+
+def test_the_script_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "scripts/collect_results.py", str(tmp_path / "nowhere")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: '{tmp_path / 'nowhere'}' does not exist; give the --save_dir folders of your dcdp.py runs "
+        f"(default ./purification_results)"]
