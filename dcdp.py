@@ -28,6 +28,8 @@ from guided_diffusion.config import (
     REPO_ROOT, Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
     load_purification_config, load_task_config, parse_overrides, resolve_path,
 )
+from util.cli import EXIT_BAD_INPUT, OneLineParser
+from util.cli import pick_device as parse_device
 from util.errors import ConfigError, DCDPError, RunFolderError
 
 log = logging.getLogger("dcdp")
@@ -40,15 +42,7 @@ DEMO = {
 }
 
 EXIT_FAILED_IMAGES = 3
-EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other user error of dcdp.py."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (python dcdp.py --help lists the options)\n")
 
 
 # The official DCDP-LDM driver's flags (upstream-dcdp.md §3.1, §8): purification settings given on the
@@ -63,7 +57,8 @@ DEFAULT_LDM_CONFIG = "ffhq-ldm-vq-4.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                      command="python dcdp.py",
                                 epilog="key=value arguments after the options override any key of the three files: "
                                        "purification.lr=1e4 measurement.noise.sigma=0.05 model.model_path=/ckpt.pt")
     p.add_argument("--task_config", help="task YAML (measurement operator and noise)")
@@ -160,23 +155,8 @@ def ldm_flag_values(args) -> dict:
 
 
 def pick_device(args) -> torch.device:
-    local_rank = int(os.environ.get("LOCAL_RANK", args.gpu))
-    name = args.device
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
-                              f"cuda:{torch.cuda.device_count() - 1}")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
-    return device
+    """--device; `auto` and `cuda` mean this torchrun rank's GPU (LOCAL_RANK, else --gpu)."""
+    return parse_device(args.device, cuda_index=int(os.environ.get("LOCAL_RANK", args.gpu)))
 
 
 def apply_fast(args, device: torch.device) -> None:

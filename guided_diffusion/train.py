@@ -53,6 +53,7 @@ from guided_diffusion.checkpoints import CheckpointError, load_torch_file
 from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS
 from guided_diffusion.training_data import RandomCrops
 from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, REPO_ROOT, create_model
+from util.cli import OneLineParser, pick_device, run_command
 from util.errors import ConfigError, DCDPError, RunFolderError
 from util.image_io import atomic_save_torch
 from util.run_lock import RunLock
@@ -61,7 +62,6 @@ log = logging.getLogger("dcdp.train")
 
 CHECKPOINT_NAME = "checkpoint.pt"
 EMA_NAME = "ema.pt"  # <out_dir>/ema.pt: the EMA weights, always written beside the checkpoint
-EXIT_BAD_INPUT = 2
 PRECISIONS = ("fp32", "bf16")
 # May change between a run and its resumption: how long it runs, where it writes, and the learning-rate
 # decay that ends it (a run resumed to be annealed).
@@ -530,31 +530,6 @@ def _save(state: TrainState, cfg: TrainConfig, model_cfg: Mapping, ckpt_path: st
 # The command line
 # ---------------------------------------------------------------------------------------------
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other user error of the command."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (python -m guided_diffusion.train --help lists the options)\n")
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name is None or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N (or leave it out)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or leave it out)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
-                              f"cuda:{torch.cuda.device_count() - 1}")
-    elif device.type != "cpu":
-        raise ConfigError(f"--device {name}: training runs on cpu or cuda; use --device cpu or cuda")
-    return device
-
-
 def tracked_by_git(path: str | os.PathLike) -> bool:
     """Whether `path` is a file tracked by the git repository it lies in (False without git or a repository)."""
     path = os.path.abspath(path)
@@ -629,7 +604,8 @@ def check_export(export: str, model_cfg: Mapping, model_cfg_path: str, out_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m guided_diffusion.train", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m guided_diffusion.train", description=__doc__.split("\n")[0],
+                      command="python -m guided_diffusion.train")
     p.add_argument("--config", required=True, help="training YAML, e.g. training_configurations/demo.yaml")
     p.add_argument("--export", default=None, metavar="PATH",
                    help="also write the EMA weights here (besides <out_dir>/ema.pt); an existing file is refused "
@@ -642,19 +618,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_minutes", type=float, default=None, help="stop cleanly (and save) after this many minutes")
     p.add_argument("--max_steps", type=int, default=None, help="train up to this step (overrides the config's max_steps)")
     p.add_argument("--out_dir", default=None, help="the run folder (overrides the config's out_dir)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
-        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    try:
-        return _run(args)
-    except DCDPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_command(p, argv, _run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     if args.max_minutes is not None and not args.max_minutes >= 0:
         raise ConfigError(f"--max_minutes {args.max_minutes:g}: must be >= 0 (minutes of training)")
     if args.max_steps is not None and args.max_steps < 1:

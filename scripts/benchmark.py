@@ -34,7 +34,6 @@ are compared (the bar is 0.05 dB).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -56,9 +55,9 @@ from guided_diffusion.config import load_model_config, load_purification_config,
 from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
 from guided_diffusion.solver import cuda_graph_failures, run_dcdp  # noqa: E402
+from util.cli import OneLineParser, pick_device, run_command  # noqa: E402
 from util.errors import ConfigError, DCDPError  # noqa: E402
 
-EXIT_BAD_INPUT = 2
 DEMO_TASKS = sorted(p.stem for p in (ROOT / "purification_configurations" / "demo").glob("*.yaml"))
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -331,29 +330,6 @@ def parity_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other user error of the command."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (python scripts/benchmark.py --help lists the options)\n")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s); use cuda:0 .. "
-                              f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
 def check_args(args) -> None:
     """The flags' values, checked before anything runs: one ConfigError naming the flag, value and fix."""
     if args.images < 1:
@@ -390,7 +366,7 @@ def check_args(args) -> None:
 
 
 def main(argv=None) -> int:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0], command="python scripts/benchmark.py")
     p.add_argument("--tasks", nargs="+", default=["super_resolution", "inpainting", "gaussian_deblur", "motion_deblur",
                                                    "phase_retrieval"], choices=sorted(TASKS))
     p.add_argument("--paths", nargs="+", default=["official", "reference", "fast"], choices=("official", "reference", "fast"))
@@ -417,15 +393,7 @@ def main(argv=None) -> int:
                                                           "inpainting", "denoising"], choices=DEMO_TASKS)
     p.add_argument("--parity_model_config", default=str(ROOT / "model_configurations" / "model_config_demo.yaml"))
     p.add_argument("--max_images", type=int, default=None, help="--parity: images per task (default: all)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
-        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
-    try:
-        return run(args)
-    except DCDPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_command(p, argv, run)
 
 
 def run(args) -> int:

@@ -12,7 +12,6 @@ runs, a bad flag, an unwritable --csv/--json) ends the command with one line `er
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -23,9 +22,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: python scripts/collect_results.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from util.errors import ConfigError, DCDPError, RunFolderError  # noqa: E402
+from util.cli import OneLineParser, run_command  # noqa: E402
+from util.errors import ConfigError, RunFolderError  # noqa: E402
 
-EXIT_BAD_INPUT = 2
 
 COLUMNS = ("task", "dataset", "sigma", "prior", "K", "tau", "purification", "images", "failed",
            "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std", "seconds_per_image", "run_dir")
@@ -107,13 +106,6 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit 2), like every other user error of the command."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (python scripts/collect_results.py --help lists the options)\n")
-
-
 def _write(flag: str, path: str, text: str) -> None:
     try:
         Path(path).write_text(text)
@@ -123,19 +115,11 @@ def _write(flag: str, path: str, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0], command="python scripts/collect_results.py")
     p.add_argument("folders", nargs="*", default=["./purification_results"], help="--save_dir folders of dcdp.py runs")
     p.add_argument("--csv", default=None, help="also write the rows as CSV here")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as exc:  # --help, or a one-line usage error (exit 2)
-        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
-    try:
-        return run(args)
-    except DCDPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_command(p, argv, run)
 
 
 def run(args) -> int:
