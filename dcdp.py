@@ -288,13 +288,9 @@ def load_configs(args):
     overrides = parse_overrides(args.overrides)
     task = load_task_config(args.task_config, overrides)
     flags = ldm_flag_values(args)
-    if args.purification_config:
-        pur = load_purification_config(args.purification_config, overrides, dataset_fallback=task.data)
-        if flags:  # the LDM flags override the file, as an override would
-            pur = load_purification_config(
-                args.purification_config,
-                overrides + [Override(f"--{k}", "purification", ("purification", k), v) for k, v in flags.items()],
-                dataset_fallback=task.data)
+    if args.purification_config:  # the LDM flags override the file, after the key=value overrides
+        flag_overrides = [Override(f"--{k}", "purification", ("purification", k), v) for k, v in flags.items()]
+        pur = load_purification_config(args.purification_config, overrides + flag_overrides, dataset_fallback=task.data)
     else:
         pur = ldm_driver_purification(flags, overrides, dataset_fallback=task.data)
         log.info("note: no --purification_config: the official DCDP-LDM driver's defaults and flags are used")
@@ -535,7 +531,7 @@ def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
         "run_dir": str(ctx.root),
         "configs": {"task": str(args.task_config), "purification": str(args.purification_config or "(DCDP-LDM flags)"),
                     "model": str(args.model_config)},
-        "overrides": list(args.overrides), "command": sys.argv[1:] if args is not None else [],
+        "overrides": list(args.overrides), "command": sys.argv[1:],
         "resolved": ctx.identity, "random_weights": ctx.random_weights,
         "checkpoint_sha256": ctx.identity["checkpoint_sha256"], "versions": versions(), "device": str(ctx.device),
         "precision": args.precision, "world_size": dist.world, "lpips": lpips.status,

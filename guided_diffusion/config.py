@@ -446,8 +446,12 @@ class PurificationConfig:
         return {k: self.values[k] for k in PRIOR_OPTION_KEYS if self.values[k] is not None}
 
 
-def _is_flat(d: dict) -> bool:
-    return "purification" not in d and any(k in PURIFICATION_SCHEMA for k in d)
+def _nested(d: dict) -> dict:
+    """`d` in the official layout; a file of dcdp before 2026-12 (the hyper-parameters at the top level) is nested."""
+    if "purification" in d or not any(k in PURIFICATION_SCHEMA for k in d):
+        return d
+    return {"purification": {k: v for k, v in d.items() if k not in ("dataset", "others")},
+            **{k: d[k] for k in ("dataset", "others") if k in d}}
 
 
 def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optional[dict] = None) -> PurificationConfig:
@@ -455,9 +459,6 @@ def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optio
     if "measurement" in d or "model_path" in d or "image_size" in d:
         raise ConfigError(f"{where} is not a purification config (it has no 'purification' block); give a file "
                           f"from purification_configurations/ as --purification_config")
-    if _is_flat(d):  # the layout of dcdp before 2026-12: the hyper-parameters at the top level
-        d = {"purification": {k: v for k, v in d.items() if k not in ("dataset", "others")},
-             **{k: d[k] for k in ("dataset", "others") if k in d}}
     unknown = [k for k in d if k not in PURIFICATION_FILE_KEYS]
     if unknown:
         raise ConfigError(f"{origins.of(unknown[0])}: unknown key(s) {', '.join(map(str, unknown))}; valid keys: "
@@ -490,10 +491,7 @@ def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optio
 def load_purification_config(path, overrides: Optional[list[Override]] = None,
                              dataset_fallback: Optional[dict] = None) -> PurificationConfig:
     origins = Origins(f"purification config '{path}'")
-    raw = load_yaml(path, "purification config")
-    if _is_flat(raw) and any(o.file == "purification" and o.path[0] == "purification" for o in overrides or []):
-        raw = {"purification": {k: v for k, v in raw.items() if k not in ("dataset", "others")},
-               **{k: raw[k] for k in ("dataset", "others") if k in raw}}
+    raw = _nested(load_yaml(path, "purification config"))
     d = apply_overrides(raw, overrides or [], "purification", origins)
     cfg = purification_from_dict(d, origins, dataset_fallback=dataset_fallback)
     cfg.path = str(path)
