@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from guided_diffusion.checkpoints import CheckpointError
+from guided_diffusion.checkpoints import CheckpointError, describe_unreadable
 
 
 class _Inert:
@@ -92,8 +92,8 @@ def read_checkpoint(path: str | os.PathLike, *, what: str, source: str) -> dict[
         except pickle.UnpicklingError:  # pickled Lightning/omegaconf objects beside the weights
             obj = _torch_load(path, restricted=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        raise CheckpointError(f"{what}: cannot read checkpoint '{path}' ({reason}); re-download it from {source}") from exc
+        raise CheckpointError(f"{what}: cannot read checkpoint '{path}': {describe_unreadable(path, exc)}; "
+                              f"re-download it from {source}") from exc
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -463,6 +463,12 @@ def test_checkpoint_errors_are_one_clear_line(tmp_path, tiny):
 
     ckpt, _ = _lightning_ckpt(tiny, ema=False)
     torch.save(ckpt, tmp_path / "model.ckpt")
+    data = (tmp_path / "model.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])  # an interrupted download: the whole reason, one line
+    with pytest.raises(CheckpointError) as err:
+        load_latent_model({**TINY, "model_path": str(tmp_path / "cut.ckpt")})
+    assert f"cut.ckpt': the file is truncated or damaged ({len(data) // 2:,} bytes): a torch zip archive" in str(err.value)
+    assert "\n" not in str(err.value) and "re-download it from" in str(err.value)
     wider = {**TINY, "model_path": str(tmp_path / "model.ckpt"), "unet": {**TINY["unet"], "model_channels": 64}}
     with pytest.raises(CheckpointError, match="does not match the model config.*shape mismatches"):
         load_latent_model(wider)

@@ -176,3 +176,40 @@ def test_a_folder_held_by_a_live_run_is_refused(setup, caplog, capsys):
     assert dcdp.main(args(setup, "--no_curves", "--resume")) == dcdp.EXIT_BAD_INPUT
     line = last_error(caplog, capsys)
     assert str(os.getppid()) in line and "in use" in line
+
+
+def test_two_real_processes_racing_into_one_folder(setup):
+    """A second dcdp.py into the folder of a live one is refused (one line naming the holder, exit 2);
+    the first finishes untouched, and the refused command then resumes into the finished folder."""
+    import subprocess
+    import sys
+    import time
+
+    write_images(setup["data"], 12)
+    edit(setup["pur"], lambda d: d.update(total_num_iterations=8))
+    command = [sys.executable, str(Path(dcdp.__file__)), *args(setup, "--no_curves")]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(setup["out"].glob("*/*/*/*/.lock")):
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first run never took its lock"
+            time.sleep(0.05)
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert first.poll() is None, "the first run ended before the second was refused: make it longer"
+    finally:
+        out, err = first.communicate(timeout=300)
+    assert second.returncode == dcdp.EXIT_BAD_INPUT
+    (line,) = [ln for ln in second.stderr.splitlines() if ln.startswith("error")]
+    assert f"is in use by pid {first.pid} on host {__import__('socket').gethostname()}" in line
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 0, err
+    (summary,) = summaries(setup["out"])
+    assert summary["ok"] == 12 and summary["resolved"]["seed"] == 0
+    (root,) = setup["out"].glob("*/*/*/*")
+    assert not (root / ".lock").exists()
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    (summary,) = summaries(setup["out"])
+    assert summary["ok"] == 12 and summary["resolved"]["seed"] == 0
