@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and on CUDA bf16 + --cuda_graphs")
     p.add_argument("--check_models", action="store_true", help="list the checkpoints the shipped configs name and exit")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="run a grid: one ordinary run per combination of the values (or a YAML file with a "
+                        "'sweep:' block); table and plots in {save_dir}/sweeps/ (util/sweep.py)")
     ldm = p.add_argument_group("official DCDP-LDM flags", "purification settings as the official DCDP-LDM driver "
                                "takes them; without --purification_config they start from its defaults")
     for flag in LDM_FLAGS:
@@ -244,6 +247,10 @@ def main(argv=None) -> int:
         print(format_check_table(rows))
         return 1 if any(r["layout"] in ("mismatch", "unreadable", "config error") for r in rows) else 0
     try:
+        if args.sweep:
+            from util.sweep import run_sweep
+
+            return run_sweep(args, run)
         return run(args)
     except DCDPError as exc:
         log.error(f"error: {exc}")
@@ -446,6 +453,7 @@ def run(args) -> int:
     lock = None
     try:
         ctx = build_context(args, device, dist)
+        args.run_root = ctx.root  # for a sweep: where this point's run is
         lock = dist.agree(lambda: open_run_folder(ctx, dist))
         if lock is None:  # torchrun ranks >= 1 join rank 0's lock
             from util.run_lock import RunLock
