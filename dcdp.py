@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and on CUDA bf16 + --cuda_graphs")
     p.add_argument("--check_models", action="store_true", help="list the checkpoints the shipped configs name and exit")
     p.add_argument("--quiet", action="store_true", help="warnings and errors only, no progress bar")
+    p.add_argument("--lpips", default="vgg", choices=("vgg", "alex", "off"),
+                   help="LPIPS backbone (official: vgg); off skips LPIPS. Not part of the run identity: it changes "
+                        "no restoration, only the LPIPS columns (weights: python scripts/fetch_lpips_weights.py)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="run a grid: one ordinary run per combination of the values (or a YAML file with a "
                         "'sweep:' block); table and plots in {save_dir}/sweeps/ (util/sweep.py)")
@@ -484,7 +487,7 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
         log.info(f"resume: {len(indices) - len(todo)} image(s) already complete, {len(todo)} to do")
     log.info(f"{len(ctx.selected)} image(s) from '{ctx.data_root}' → {ctx.root}  (device {ctx.device}, prior "
              f"{ctx.prior_info['kind']})")
-    lpips = LPIPS(ctx.device)
+    lpips = LPIPS(ctx.device, net=args.lpips)
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
     batch_size = args.batch_size or 1
     psnr_running: list[float] = []
@@ -534,6 +537,8 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
 
 
 def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
+    from util.metrics import provenance as metric_provenance
+
     args = ctx.args
     return {
         "run_dir": str(ctx.root),
@@ -543,6 +548,7 @@ def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
         "resolved": ctx.identity, "random_weights": ctx.random_weights,
         "checkpoint_sha256": ctx.identity["checkpoint_sha256"], "versions": versions(), "device": str(ctx.device),
         "precision": args.precision, "world_size": dist.world, "lpips": lpips.status,
+        "metrics_provenance": metric_provenance(lpips),
     }
 
 
@@ -644,6 +650,7 @@ def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
         else:
             rec.update(psnr=after_p[b], ssim=after_s[b], psnr_before=before_p[b], ssim_before=before_s[b],
                        lpips=None if after_l is None else after_l[b],
+                       lpips_net=None if after_l is None else lpips.net,
                        lpips_before=None if before_l is None else before_l[b])
         out.write_record(root, rec)
         records.append(rec)

@@ -24,10 +24,11 @@ if __package__ in (None, ""):  # run as a script: python scripts/collect_results
 
 from util.cli import OneLineParser, run_command  # noqa: E402
 from util.errors import ConfigError, RunFolderError  # noqa: E402
+from util.metrics import PROTOCOL, lpips_net_of  # noqa: E402
 
 
 COLUMNS = ("task", "dataset", "sigma", "prior", "K", "tau", "purification", "images", "failed",
-           "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std", "seconds_per_image", "run_dir")
+           "psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std", "lpips_net", "seconds_per_image", "run_dir")
 
 
 def row_of(summary: dict, path: Path) -> dict:
@@ -35,6 +36,7 @@ def row_of(summary: dict, path: Path) -> dict:
     resolved = summary.get("resolved", {})
     task = resolved.get("task", {})
     pur = resolved.get("purification", {})
+    pur = pur.get("purification", pur)  # the hyper-parameters, nested as in the official files
     model = resolved.get("model", {})
     metrics = summary.get("metrics", {})
 
@@ -59,7 +61,7 @@ def row_of(summary: dict, path: Path) -> dict:
         "images": summary.get("ok", 0), "failed": summary.get("failed", 0),
         "psnr": stat("psnr", "mean"), "psnr_std": stat("psnr", "std"),
         "ssim": stat("ssim", "mean"), "ssim_std": stat("ssim", "std"),
-        "lpips": stat("lpips", "mean"), "lpips_std": stat("lpips", "std"),
+        "lpips": stat("lpips", "mean"), "lpips_std": stat("lpips", "std"), "lpips_net": lpips_net_of(summary),
         "seconds_per_image": stat("seconds", "mean"),
         "run_dir": str(path.parent),
     }
@@ -100,10 +102,11 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seconds = "–" if r["seconds_per_image"] is None else f"{r['seconds_per_image']:.1f}"
+        lpips = _pm(r["lpips"], r["lpips_std"], 3) + (f" ({r['lpips_net']})" if r["lpips"] is not None else "")
         lines.append(f"| {r['task']} | {r['dataset']} | {r['sigma']} | {r['prior']} | {r['K']} × {r['tau']} | "
                      f"{r['purification']} | {r['images']} ({r['failed']}) | {_pm(r['psnr'], r['psnr_std'], 2)} | "
-                     f"{_pm(r['ssim'], r['ssim_std'], 3)} | {_pm(r['lpips'], r['lpips_std'], 3)} | {seconds} |")
-    return "\n".join(lines)
+                     f"{_pm(r['ssim'], r['ssim_std'], 3)} | {lpips} | {seconds} |")
+    return "\n".join(lines) + "\n\n" + PROTOCOL
 
 
 def _write(flag: str, path: str, text: str) -> None:

@@ -112,7 +112,7 @@ def test_lpips_missing_vgg_weights_is_unavailable(offline: Path, monkeypatch: py
                                                   caplog: pytest.LogCaptureFixture) -> None:
     built = []
     monkeypatch.setattr(metrics, "_installed_backends", lambda: ["torchmetrics"])
-    monkeypatch.setitem(metrics._BACKENDS, "torchmetrics", lambda device: built.append(device))
+    monkeypatch.setitem(metrics._BACKENDS, "torchmetrics", lambda device, net: built.append(device))
     lp = LPIPS()
     assert lp(torch.zeros(3, 16, 16), torch.zeros(3, 16, 16)) is None
     assert not built  # nothing was constructed (constructing could download)
@@ -126,7 +126,7 @@ def test_lpips_with_local_weights_uses_backend_and_blocks_downloads(offline: Pat
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")
     monkeypatch.setattr(metrics, "_installed_backends", lambda: ["lpips"])
-    monkeypatch.setitem(metrics._BACKENDS, "lpips", lambda device: (lambda gt, rec: (gt - rec).abs().mean(dim=(1, 2, 3))))
+    monkeypatch.setitem(metrics._BACKENDS, "lpips", lambda device, net: (lambda gt, rec: (gt - rec).abs().mean(dim=(1, 2, 3))))
     lp = LPIPS("cpu")
     gt = torch.zeros(2, 3, 8, 8)
     rec = torch.stack([torch.full((3, 8, 8), 0.5), torch.full((3, 8, 8), 3.0)])  # second clamped to 1
@@ -135,7 +135,7 @@ def test_lpips_with_local_weights_uses_backend_and_blocks_downloads(offline: Pat
 
     original = torch.hub.download_url_to_file
 
-    def downloading_backend(device: torch.device) -> None:
+    def downloading_backend(device: torch.device, net: str) -> None:
         torch.hub.download_url_to_file("https://example.invalid/vgg.pth", str(offline / "x.pth"))
 
     monkeypatch.setitem(metrics._BACKENDS, "lpips", downloading_backend)

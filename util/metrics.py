@@ -1,4 +1,4 @@
-"""PSNR and SSIM exactly as the official DCDP code computes them, and an optional LPIPS-VGG.
+"""PSNR and SSIM exactly as the official DCDP code computes them, an optional LPIPS, and their provenance.
 
 Official conversion: a [-1, 1] image is clipped to [-1, 1], mapped by (v + 1) / 2 to [0, 1] and laid
 out HWC as float32 numpy; then scikit-image's `peak_signal_noise_ratio` (data_range 1) and
@@ -69,20 +69,41 @@ def ssim(gt: torch.Tensor, rec: torch.Tensor) -> list[float]:
 # LPIPS (optional)
 # ----------------------------------------------------------------------------------------------
 
-# torchvision's VGG16_Weights.IMAGENET1K_V1 file, which LPIPS-VGG builds on (named here so that checking
-# for it does not import torchvision).
+# torchvision's ImageNet weights files that LPIPS builds on (named here so that checking for them does not
+# import torchvision), where they come from, and the command that fetches them once (runs never download).
 VGG16_FILE = "vgg16-397923af.pth"
+BACKBONES = {  # --lpips value: (backbone name, torchvision weights file)
+    "vgg": ("VGG16", VGG16_FILE),
+    "alex": ("AlexNet", "alexnet-owt-7be5be79.pth"),
+}
+WEIGHTS_URL = "https://download.pytorch.org/models/{}"
+FETCH_COMMAND = "python scripts/fetch_lpips_weights.py"
+NETS = ("vgg", "alex", "off")
+
+
+def backbone_weights_file(net: str = "vgg") -> Path:
+    """Where torchvision looks for (and would download) a backbone's weights: the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONES[net][1]
 
 
 def _vgg16_weights_file() -> Path:
-    """Where torchvision looks for (and would download) the VGG16 weights: the torch hub cache."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    return backbone_weights_file("vgg")
 
 
-def _build_torchmetrics(device: torch.device) -> Distance:
+def _linear_weights_file(backend: str, net: str) -> Path | None:
+    """The LPIPS linear layers' weights that the backend ships inside its package."""
+    spec = importlib.util.find_spec(backend)
+    if spec is None or not spec.origin:
+        return None
+    package = Path(spec.origin).parent
+    return (package / "functional" / "image" / "lpips_models" / f"{net}.pth" if backend == "torchmetrics"
+            else package / "weights" / "v0.1" / f"{net}.pth")
+
+
+def _build_torchmetrics(device: torch.device, net: str) -> Distance:
     from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-    metric = LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False).to(device).eval()
+    metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=False).to(device).eval()
 
     def distance(gt: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
         values = torch.stack([metric(g[None], r[None]) for g, r in zip(gt, rec)])  # per image, as the official loop
@@ -92,15 +113,16 @@ def _build_torchmetrics(device: torch.device) -> Distance:
     return distance
 
 
-def _build_lpips_package(device: torch.device) -> Distance:
+def _build_lpips_package(device: torch.device, net: str) -> Distance:
     import lpips
 
-    net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval()
-    return lambda gt, rec: net(gt, rec).flatten()
+    model = lpips.LPIPS(net=net, verbose=False).to(device).eval()
+    return lambda gt, rec: model(gt, rec).flatten()
 
 
 # Tried in this order; torchmetrics is what the official code uses.
-_BACKENDS: dict[str, Callable[[torch.device], Distance]] = {"torchmetrics": _build_torchmetrics, "lpips": _build_lpips_package}
+_BACKENDS: dict[str, Callable[[torch.device, str], Distance]] = {"torchmetrics": _build_torchmetrics,
+                                                                 "lpips": _build_lpips_package}
 
 
 def _installed_backends() -> list[str]:
@@ -123,15 +145,19 @@ def _downloads_blocked() -> Iterator[None]:
 
 
 class LPIPS:
-    """LPIPS-VGG distance from locally present weights, or None with a one-line notice.
+    """LPIPS distance (`net` vgg, the official choice, or alex) from locally present weights, or None.
 
     Nothing is built until first use. The network needs torchmetrics (or the `lpips` package),
-    torchvision and the VGG16 weights file in the torch hub cache (`$TORCH_HOME/hub/checkpoints`,
-    by default `~/.cache/torch/hub/checkpoints`). If any of these is missing, the first use logs
-    "LPIPS unavailable: <reason>" once and every call returns None.
+    torchvision and the backbone's weights file in the torch hub cache (`$TORCH_HOME/hub/checkpoints`,
+    by default `~/.cache/torch/hub/checkpoints`; `python scripts/fetch_lpips_weights.py` puts it there).
+    If any of these is missing, the first use logs "LPIPS unavailable: <reason>" once and every call
+    returns None. `net="off"` computes nothing and says nothing (every call returns None).
     """
 
-    def __init__(self, device: str | torch.device = "cpu") -> None:
+    def __init__(self, device: str | torch.device = "cpu", net: str = "vgg") -> None:
+        if net not in NETS:
+            raise ValueError(f"LPIPS net {net!r}: use one of {', '.join(NETS)}")
+        self.net = net
         self.device = torch.device(device)
         self._distance: Distance | None = None
         self._backend: str | None = None
@@ -142,37 +168,57 @@ class LPIPS:
             return "neither torchmetrics nor lpips is installed (pip install torchmetrics to enable it)"
         if importlib.util.find_spec("torchvision") is None:
             return "torchvision is not installed"
-        weights = _vgg16_weights_file()
+        weights = backbone_weights_file(self.net)
         if not weights.is_file():
-            return f"VGG16 weights not found at {weights} (no download is attempted; copy {weights.name} there)"
+            return (f"{BACKBONES[self.net][0]} weights not found at {weights} (no download is attempted; fetch them "
+                    f"once with `{FETCH_COMMAND} --net {self.net}`, or copy {weights.name} there)")
         return None
 
     def _build(self) -> None:
+        if self.net == "off":
+            return
         self.reason = self._unavailable_reason()
         if self.reason is None:
             self._backend = _installed_backends()[0]
             try:
                 with _downloads_blocked():
-                    self._distance = _BACKENDS[self._backend](self.device)
+                    self._distance = _BACKENDS[self._backend](self.device, self.net)
             except Exception as exc:  # a third-party build can fail many ways; report it, do not stop the run
                 first_line = str(exc).splitlines()[0] if str(exc) else ""
-                self.reason = f"{self._backend} could not build LPIPS-VGG ({type(exc).__name__}: {first_line})"
+                self.reason = f"{self._backend} could not build {self.name} ({type(exc).__name__}: {first_line})"
         if self.reason is not None:
             log.warning("LPIPS unavailable: %s", self.reason)
 
     @property
+    def name(self) -> str:
+        return "LPIPS-VGG" if self.net == "vgg" else "LPIPS-Alex"
+
+    @property
     def available(self) -> bool:
         """Whether LPIPS can be computed (builds the network on first use)."""
-        if self._distance is None and self.reason is None:
+        if self._distance is None and self.reason is None and self.net != "off":
             self._build()
         return self._distance is not None
 
     @property
     def status(self) -> str:
-        """One line for run metadata: the backend in use, why it is unavailable, or 'not used'."""
+        """One line for run metadata: the backend in use, why it is unavailable, 'off' or 'not used'."""
+        if self.net == "off":
+            return "off (--lpips off)"
         if self._distance is not None:
-            return f"LPIPS-VGG via {self._backend}"
+            return f"{self.name} via {self._backend}"
         return "not used" if self.reason is None else f"unavailable: {self.reason}"
+
+    def provenance(self) -> dict:
+        """How LPIPS was (or was not) computed: backbone, backend and weights files, input range."""
+        info = {"net": self.net, "status": self.status}
+        if self.net == "off":
+            return info
+        info.update(backbone=BACKBONES[self.net][0], backbone_weights=str(backbone_weights_file(self.net)),
+                    input="clipped to [-1, 1] (normalize=False), one image at a time")
+        if self._backend is not None:
+            info.update(backend=self._backend, linear_weights=str(_linear_weights_file(self._backend, self.net)))
+        return info
 
     def __call__(self, gt: torch.Tensor, rec: torch.Tensor) -> list[float] | None:
         """LPIPS of `rec` against `gt` (lower is closer), both (B, 3, H, W) or (3, H, W) in [-1, 1].
@@ -186,3 +232,37 @@ class LPIPS:
         with torch.no_grad():
             gt, rec = (x.detach().to(self.device, torch.float32).clamp(-1, 1) for x in (gt, rec))
             return [float(v) for v in self._distance(gt, rec).flatten()]
+
+
+def provenance(lpips: LPIPS | None = None) -> dict:
+    """How each metric is computed, for summary.json and the tables (see the module docstring)."""
+    import skimage
+
+    conversion = "clipped to [-1, 1], mapped by (v + 1) / 2 to [0, 1], float32 HWC"
+    return {
+        "psnr": {"function": "skimage.metrics.peak_signal_noise_ratio", "scikit-image": skimage.__version__,
+                 "data_range": 1, "input": conversion},
+        "ssim": {"function": "skimage.metrics.structural_similarity", "scikit-image": skimage.__version__,
+                 "data_range": 1, "gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False,
+                 "channel_axis": 2, "input": conversion},
+        "lpips": (lpips or LPIPS(net="off")).provenance(),
+    }
+
+
+# One line for tables: how the numbers were computed (summary.json's metrics_provenance has the details).
+PROTOCOL = ("PSNR and SSIM: scikit-image, data range 1, images clipped to [-1, 1] and mapped to [0, 1]; SSIM with a "
+            "Gaussian window σ 1.5 per channel; LPIPS: its backbone in brackets (vgg is the official one).")
+
+
+def lpips_net_of(summary: dict) -> str:
+    """A run's LPIPS backbone (vgg, alex), or off / unavailable / not used, from its summary.json (older
+    summaries without metrics_provenance: from their status line)."""
+    info = summary.get("metrics_provenance", {}).get("lpips", {})
+    status = str(info.get("status") or summary.get("lpips") or "")
+    if status.startswith("off"):
+        return "off"
+    if status.startswith("unavailable"):
+        return "unavailable"
+    if status == "not used":
+        return status
+    return info.get("net") or ("vgg" if "VGG" in status else "alex" if "Alex" in status else "?")

@@ -156,5 +156,9 @@ def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None) -> 
         "metrics": {key: _stats([r.get(key) for r in ok]) for key in
                     ("psnr", "ssim", "lpips", "psnr_before", "ssim_before", "lpips_before", "seconds")},
     })
+    lpips_info = summary.get("metrics_provenance", {}).get("lpips")
+    if isinstance(lpips_info, dict):  # --resume may have joined records of another --lpips: say which
+        nets = [r.get("lpips_net") or "none" for r in ok]
+        lpips_info["records_by_net"] = {net: nets.count(net) for net in sorted(set(nets))}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from util.image_io import atomic_path, atomic_write_text
+from util.metrics import PROTOCOL, lpips_net_of
 
 METRICS = ("psnr", "ssim", "lpips")
 LABELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS"}
@@ -46,6 +47,7 @@ def metrics_of_run(root: Path) -> tuple[dict, dict]:
     for key in METRICS:
         row[key], row[f"{key}_std"] = m.get(key, {}).get("mean"), m.get(key, {}).get("std")
     row["seconds_per_image"] = m.get("seconds", {}).get("mean")
+    row["lpips_net"] = lpips_net_of(summary)
     nfe = []
     if (root / "metrics.csv").is_file():
         with open(root / "metrics.csv", newline="") as f:
@@ -67,7 +69,8 @@ def table_rows(axes, rows: list[dict]) -> list[dict]:
     for i, r in enumerate(rows):
         flat = {a.key: r["point"][a.key] for a in axes}
         flat.update({k: r.get(k) for k in ("status", "reason", "images", "failed", "psnr", "psnr_std", "ssim",
-                                           "ssim_std", "lpips", "lpips_std", "seconds_per_image", "nfe", "run_dir")})
+                                           "ssim_std", "lpips", "lpips_std", "lpips_net", "seconds_per_image", "nfe",
+                                           "run_dir")})
         flat["best"] = int(i == best)
         out.append(flat)
     return out
@@ -87,13 +90,16 @@ def markdown(axes, flat: list[dict], total: int) -> str:
         seconds = "–" if r["seconds_per_image"] is None else f"{r['seconds_per_image']:.2f}"
         nfe = "–" if r["nfe"] is None else f"{r['nfe']:.0f}"
         images = "–" if r["images"] is None else f"{r['images']} ({r['failed']})"
-        cells = [r[a.key] for a in axes] + [status.replace("|", "/"), images] + [
-            _pm(r[k], r[f"{k}_std"], DIGITS[k]) for k in METRICS] + [seconds, nfe, "**best**" if r["best"] else ""]
+        metrics = [_pm(r[k], r[f"{k}_std"], DIGITS[k]) for k in METRICS]
+        if r["lpips"] is not None:
+            metrics[-1] += f" ({r['lpips_net']})"
+        cells = [r[a.key] for a in axes] + [status.replace("|", "/"), images] + metrics + [
+            seconds, nfe, "**best**" if r["best"] else ""]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if len(flat) < total:
         lines.append(f"\n{total - len(flat)} of {total} point(s) not run yet (rerun the sweep with --resume).")
     lines.append("\nbest: the highest mean PSNR among the points whose images all succeeded; mean ± std over the "
-                 "point's images.")
+                 "point's images. " + PROTOCOL)
     return "\n".join(lines) + "\n"
 
 
