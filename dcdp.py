@@ -524,6 +524,9 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
     if dist.rank == 0 or interrupted:
         summary = out.write_summaries(ctx.root, run_meta(ctx, dist, lpips),
                                       {i: str(ctx.files[i]) for i in ctx.selected})
+        from util.montage import write_run_montage
+
+        write_run_montage(ctx.root)  # figures/montage.png: the first images, from the files written above
         m = summary["metrics"]
         fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
         print(f"outputs: {ctx.root}")
@@ -636,7 +639,8 @@ def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
         img_state = {k: v[b:b + 1] for k, v in state.items()}
         iterates = [t[b:b + 1] for t in result.iterates] if result.iterates is not None else None
         out.save_image_outputs(root, i, gt[b], y[b], None if failed is not None else result.x[b], img_state, iterates,
-                               log_scale=ctx.task.operator_name == "phase_retrieval")
+                               log_scale=ctx.task.operator_name == "phase_retrieval",
+                               dc=None if failed is not None else result.x_before[b])
         if not args.no_curves and failed is None:
             from util.plotting import save_metric_curves
 

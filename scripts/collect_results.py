@@ -6,7 +6,8 @@
 Every `summary.json` below the given folders is one row: task (operator), dataset, measurement noise σ,
 prior (model checkpoint), K, τ, purification (full DDIM or Tweedie), images restored / failed, the
 metrics after the final purification, and seconds per image. Rows are sorted by task, dataset and σ.
-The markdown table goes to stdout; --csv and --json write the same rows to files. A summary.json that
+The markdown table goes to stdout; --csv and --json write the same rows to files; --montage PNG draws one
+row per run (its first restored image: ground truth | measurement | data consistency alone | DCDP). A summary.json that
 cannot be read is skipped with one line on stderr; a user error (a folder that does not exist, no finished
 runs, a bad flag, an unwritable --csv/--json) ends the command with one line `error: ...` and exit 2.
 """
@@ -109,6 +110,23 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + PROTOCOL
 
 
+def write_montage(rows: list[dict], path: Path) -> None:
+    """One row per run (its first restored image), labelled with the task, dataset, σ and purification."""
+    from util.montage import restored_records, run_panels, save_montage
+
+    panels, labels = [], []
+    for r in rows:
+        root = Path(r["run_dir"])
+        first = restored_records(root, 1)
+        if first:
+            panels.append(run_panels(root, first[0]))
+            labels.append(f"{r['task']}\n{r['dataset']}, σ {r['sigma']}\n{r['purification']}")
+    if not panels:
+        raise RunFolderError(f"--montage '{path}': none of the runs has a restored image to show")
+    save_montage(panels, path, labels)
+    print(f"montage: {path} ({len(panels)} run(s))", file=sys.stderr)
+
+
 def _write(flag: str, path: str, text: str) -> None:
     try:
         Path(path).write_text(text)
@@ -122,16 +140,19 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="*", default=["./purification_results"], help="--save_dir folders of dcdp.py runs")
     p.add_argument("--csv", default=None, help="also write the rows as CSV here")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--montage", default=None, metavar="PNG",
+                   help="also draw one row per run (its first restored image): ground truth | measurement | data "
+                        "consistency alone | DCDP, PSNR / SSIM under each")
     return run_command(p, argv, run)
 
 
 def run(args) -> int:
-    for flag, path in (("--csv", args.csv), ("--json", args.json)):  # before any other output
+    for flag, path in (("--csv", args.csv), ("--json", args.json), ("--montage", args.montage)):  # before any output
         if path is None:
             continue
         if not path or Path(path).is_dir():
             raise ConfigError(f"{flag} {path!r} is {'a folder' if path else 'empty'}; give a file name, e.g. "
-                              f"table.{flag[2:]}")
+                              f"table.{'png' if flag == '--montage' else flag[2:]}")
         folder = Path(path).resolve().parent
         try:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
@@ -152,6 +173,8 @@ def run(args) -> int:
         _write("--csv", args.csv, buffer.getvalue())
     if args.json:
         _write("--json", args.json, json.dumps(rows, indent=1))
+    if args.montage:
+        write_montage(rows, Path(args.montage))
     print(markdown(rows))
     return 0
 

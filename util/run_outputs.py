@@ -28,7 +28,7 @@ CSV_COLUMNS = (
     "index", "file", "status", "reason", "psnr_before", "ssim_before", "lpips_before", "psnr", "ssim", "lpips",
     "seconds", "nfe", "dc_steps",
 )
-SUBDIRS = ("input", "recon", "label", "measurements", "states", "metrics", "figures")
+SUBDIRS = ("input", "recon", "label", "dc", "measurements", "states", "metrics", "figures")
 
 
 def identity_hash(identity: dict) -> str:
@@ -77,8 +77,11 @@ def image_complete(root: Path, index: int, file=None) -> bool:
 
 
 def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor, recon: Optional[torch.Tensor],
-                       state: dict, iterates: Optional[list], log_scale: bool = False) -> None:
+                       state: dict, iterates: Optional[list], log_scale: bool = False,
+                       dc: Optional[torch.Tensor] = None) -> None:
     """Write one image's pictures and tensors (not its metrics record). Tensors are (3, H, W).
+
+    `dc` is the last data-consistency iterate (before the last purification), saved in dc/ for the montage.
 
     A measurement that is not an image (phase retrieval's Fourier magnitudes) is shown normalised,
     on a log scale (log(1 + |y|)) with `log_scale`.
@@ -96,6 +99,8 @@ def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor
         atomic_save_torch({k: v.cpu() for k, v in state.items()}, root / "states" / f"{name}.pt")
     if recon is not None:
         save_image(recon, root / "recon" / f"{name}.png")
+    if dc is not None:
+        save_image(dc, root / "dc" / f"{name}.png")
     if iterates is not None:
         atomic_save_torch(iterates, root / "iterates" / f"{name}.pt")
 
