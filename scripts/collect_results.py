@@ -120,7 +120,7 @@ def write_montage(rows: list[dict], path: Path) -> None:
         first = restored_records(root, 1)
         if first:
             panels.append(run_panels(root, first[0]))
-            labels.append(f"{r['task']}\n{r['dataset']}, σ {r['sigma']}\n{r['purification']}")
+            labels.append(f"{r['task']}\n{r['dataset']}, σ {r['sigma']}\nK × τ {r['K']} × {r['tau']}, {r['purification']}")
     if not panels:
         raise RunFolderError(f"--montage '{path}': none of the runs has a restored image to show")
     save_montage(panels, path, labels)
