@@ -100,10 +100,15 @@ def pooled(run_dirs: list[Path]) -> dict:
     return out
 
 
+def seeds_of(table, args) -> list[int]:
+    """The seeds of the runs: the protocol's (default [0]), --seeds, or the first one with --smoke."""
+    seeds = args.seeds or table.protocol.get("seeds") or [0]
+    return seeds[:1] if args.smoke else seeds
+
+
 def run_row(table, row, args, save_dir: Path) -> tuple[dict, bool]:
     """Run one row (every seed); returns its result and whether Ctrl-C stopped it."""
-    seeds = table.protocol.get("seeds") or [0]
-    seeds = seeds[:1] if args.smoke else (args.seeds or seeds)
+    seeds = seeds_of(table, args)
     run_dirs, provenance = [], None
     for seed in seeds:
         try:
@@ -159,7 +164,8 @@ def _cell(entry: dict, m: str) -> str:
 def markdown(table, entries: list[dict], args) -> str:
     lines = [f"# {table.title}: ours / published (ours − published)", "",
              f"Source: {table.source}.", f"Protocol: {json.dumps(table.protocol, ensure_ascii=False)}.",
-             f"Ours: {time.strftime('%Y-%m-%d')}, device {args.device}"
+             f"Ours: {time.strftime('%Y-%m-%d')}, device {args.device}, seeds {' '.join(map(str, seeds_of(table, args)))}, "
+             f"images per row as given under images"
              + (", SMOKE settings (not comparable)" if args.smoke else "") + ".", ""]
     head = ["row", "images (failed)"] + [LABELS[m] for m in COMPARED] + ["status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -186,7 +186,8 @@ def run_sweep(args, run) -> int:
     interrupted = False
     log.info(f"sweep: {len(points)} point(s) over {', '.join(a.key for a in axes)} → {folder}")
     for n, point in enumerate(points, 1):
-        log.warning(f"[sweep {n}/{len(points)}] {point_label(point)}")
+        if main_rank:  # torchrun: every rank runs every point (sharding its images); rank 0 reports
+            log.warning(f"[sweep {n}/{len(points)}] {point_label(point)}")
         point_args = copy.copy(args)
         point_args.sweep = None
         point_args.run_root = None
@@ -203,13 +204,14 @@ def run_sweep(args, run) -> int:
             code, error = 1, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.exception(f"[sweep {n}/{len(points)}] failed")
         interrupted = interrupted or code == EXIT_INTERRUPTED
-        rows.append({"point": point, **point_result(point_args.run_root, code, error)})
         if main_rank:  # the table so far, so that an interrupted sweep leaves one
+            rows.append({"point": point, **point_result(point_args.run_root, code, error)})
             write_report(folder, axes, points, rows, base=list(args.overrides) + fixed)
         if interrupted:
             break
-    if main_rank:
-        print(f"sweep: {sum(r['status'] == 'ok' for r in rows)} of {len(points)} point(s) ok → {folder / 'sweep.md'}")
+    if not main_rank:
+        return EXIT_INTERRUPTED if interrupted else 0
+    print(f"sweep: {sum(r['status'] == 'ok' for r in rows)} of {len(points)} point(s) ok → {folder / 'sweep.md'}")
     if interrupted:
         log.error(f"sweep interrupted after {len(rows)} of {len(points)} point(s); rerun the same command with "
                   f"--resume to finish the others (finished points are skipped)")
