@@ -25,12 +25,13 @@ from typing import Optional
 import torch
 
 from guided_diffusion.config import (
-    REPO_ROOT, Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
-    load_purification_config, load_task_config, parse_overrides, resolve_path,
+    Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
+    load_purification_config, load_task_config, parse_overrides,
 )
 from util.cli import EXIT_BAD_INPUT, OneLineParser
 from util.cli import pick_device as parse_device
 from util.errors import ConfigError, DCDPError, RunFolderError
+from util.files import REPO_ROOT, resolve_path
 
 log = logging.getLogger("dcdp")
 

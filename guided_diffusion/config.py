@@ -13,56 +13,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from util.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from util.files import load_yaml
 
 from .gaussian_diffusion import NUM_DIFFUSION_STEPS, SCHEDULE_KINDS
 from .solver import LOSSES, OPTIMIZERS, DCDPSettings
 
 log = logging.getLogger("dcdp")
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A path as given if it exists (relative to the cwd), else relative to the repository root."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
-
-def load_yaml(path: str | os.PathLike, what: str = "config") -> dict:
-    p = resolve_path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file '{path}' not found" + (" (it is a folder)" if p.is_dir() else ""))
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = yaml.load(text, Loader=_Loader)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file '{path}' is not a text (YAML) file; give a .yaml file") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} file '{path}' cannot be read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} file '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
 
 # ---------------------------------------------------------------------------------------------
 # Typed keys

@@ -44,17 +44,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from guided_diffusion.checkpoints import CheckpointError, load_torch_file
+from util.checkpoints import CheckpointError, load_torch_file
 from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS
 from guided_diffusion.training_data import RandomCrops
-from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, REPO_ROOT, create_model
+from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, create_model
 from util.cli import OneLineParser, pick_device, run_command
 from util.errors import ConfigError, DCDPError, RunFolderError
+from util.files import REPO_ROOT, load_yaml, resolve_path
 from util.image_io import atomic_save_torch
 from util.run_lock import RunLock
 
@@ -174,37 +174,13 @@ def _type_problem(name: str, value: object, kind: object) -> tuple[str, object]:
     return "", tuple(converted)
 
 
-def _read_yaml(path: str, what: str, fix: str) -> dict:
-    """A YAML mapping from `path`; ConfigError (one line: `what`, the file, the problem, `fix`) otherwise."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{what} '{path}' is a folder, not a YAML file; {fix}")
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} '{path}' not found; {fix}") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} '{path}' cannot be read ({exc.strerror or exc}); {fix}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"{what} '{path}' is not valid YAML{where} ({problem}); fix the syntax") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} '{path}' is not a text file; {fix}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} '{path}' must be a mapping of key: value lines, got a {type(raw).__name__}; {fix}")
-    return raw
-
-
 def load_train_config(path: str | os.PathLike, **overrides) -> TrainConfig:
     """Read a training YAML into a `TrainConfig`, checked: unknown keys, wrong types and bad values raise
     `ConfigError` naming the file, the key, the value and what it must be. `overrides` (command-line values,
     e.g. max_steps, out_dir) replace the file's."""
     path = os.fspath(path)
-    raw = _read_yaml(path, "training config", "give a training YAML such as training_configurations/demo.yaml")
+    raw = load_yaml(path, "training config", "give a training YAML such as training_configurations/demo.yaml",
+                    empty_ok=True)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -225,21 +201,13 @@ def load_train_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         raise ConfigError(f"training config '{path}': {str(exc).removeprefix('training config: ')}") from None
 
 
-def resolve_model_config_path(path: str | os.PathLike) -> str:
-    """A relative model-config path is relative to the working directory, else to the repository."""
-    path = os.fspath(path)
-    if not os.path.isabs(path) and not os.path.isfile(path) and os.path.isfile(os.path.join(REPO_ROOT, path)):
-        path = os.path.join(REPO_ROOT, path)
-    return path
-
-
 def load_model_config(path: str | os.PathLike) -> dict:
     """Read a model YAML (create_model keys only), checked: a relative path may also be relative to the
     repository; the network it describes is built (on the meta device) so that a bad value fails here, as
     a `ConfigError` naming the file. Its model_path is not used by training (see --export)."""
-    path = resolve_model_config_path(path)
-    cfg = _read_yaml(path, "model config", "set model_config in the training config to a model YAML such as "
-                                           "model_configurations/model_config_demo.yaml")
+    path = str(resolve_path(path))
+    cfg = load_yaml(path, "model config", "set model_config in the training config to a model YAML such as "
+                                          "model_configurations/model_config_demo.yaml", empty_ok=True)
     unknown = sorted(set(cfg) - set(MODEL_CONFIG_DEFAULTS))
     if unknown:
         raise ConfigError(f"model config '{path}': unknown key(s) {unknown}; valid keys are {sorted(MODEL_CONFIG_DEFAULTS)}")
@@ -630,7 +598,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.out_dir == "":
         raise ConfigError("--out_dir '': give a folder")
     cfg = load_train_config(args.config, max_steps=args.max_steps, out_dir=args.out_dir)
-    model_cfg_path = resolve_model_config_path(cfg.model_config)
+    model_cfg_path = str(resolve_path(cfg.model_config))
     model_cfg = load_model_config(cfg.model_config)
     check_crop_size(cfg, model_cfg, args.config)
     device = pick_device(args.device)

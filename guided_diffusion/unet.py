@@ -18,13 +18,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from guided_diffusion.checkpoints import load_weights
+from util.checkpoints import load_weights
+from util.files import resolve_path
 
 NUM_CLASSES = 1000
 GROUPS = 32  # GroupNorm groups, fixed by the checkpoints
@@ -65,7 +67,6 @@ MODEL_CONFIG_DEFAULTS = dict(
     use_new_attention_order=False,
     model_path=None,
 )
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -507,18 +508,15 @@ def parse_attention_resolutions(resolutions: int | str | Sequence[int], image_si
 
 
 def resolve_model_path(model_path: str | os.PathLike) -> str:
-    """Absolute path of the checkpoint: as given, then under the repository root; accepts the
-    imagenet_256.pt / imagenet256.pt spellings for each other. A missing file resolves to the path
-    where it should be placed, so the loader's error names it."""
-    model_path = os.path.expanduser(os.fspath(model_path))
-    bases = [""] if os.path.isabs(model_path) else [os.getcwd(), REPO_ROOT]
-    candidates = [os.path.join(base, model_path) for base in bases]
-    for path in candidates:
-        alias = FILE_ALIASES.get(os.path.basename(path))
-        for p in [path] + ([os.path.join(os.path.dirname(path), alias)] if alias else []):
-            if os.path.isfile(p):
-                return os.path.abspath(p)
-    return os.path.abspath(candidates[-1])
+    """Absolute path of the checkpoint, found as `util.files.resolve_path` finds files; accepts the
+    imagenet_256.pt / imagenet256.pt spellings for each other. A missing file resolves to the path as
+    given, so the loader's error names it."""
+    found = resolve_path(model_path)
+    alias = FILE_ALIASES.get(found.name)
+    if not found.is_file() and alias:
+        other = resolve_path(Path(os.path.expanduser(os.fspath(model_path))).with_name(alias))
+        found = other if other.is_file() else found
+    return os.path.abspath(found)
 
 
 def _number(s: str | float) -> float:

@@ -23,7 +23,7 @@ from consistency_models import (
     sigma_from_timestep,
 )
 from consistency_models.network import NETWORK_DEFAULTS
-from guided_diffusion.checkpoints import CheckpointError
+from util.checkpoints import CheckpointError
 from guided_diffusion.gaussian_diffusion import q_sample
 from guided_diffusion.unet import create_model
 

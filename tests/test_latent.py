@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from guided_diffusion.checkpoints import CheckpointError
+from util.checkpoints import CheckpointError
 from latent_diffusion import LatentPrior, build_latent_model, ema_key, load_latent_model, parse_model_config
 from latent_diffusion.attention import AttentionBlock, GEGLU, SpatialTransformer
 from latent_diffusion.autoencoder import AttnBlock, Downsample, VQConfig, VQModel
