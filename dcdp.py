@@ -304,7 +304,7 @@ def load_configs(args):
 
 def build_context(args, device: torch.device, dist: "Distributed") -> RunContext:
     from guided_diffusion.measurements import get_noise, get_operator
-    from guided_diffusion.priors import build_prior, resolve_precision
+    from guided_diffusion.priors import build_prior
     from util import run_outputs as out
     from util.image_io import list_images
 
@@ -376,7 +376,7 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         "dataset": {"name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
                     "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         # the network precision changes the numbers of pixel priors (the others ignore --precision)
-        "precision": resolve_precision(device, args.precision) if prior_info["kind"] == "pixel" else None,
+        "precision": prior_info["precision"],  # the network precision, where it changes the numbers (pixel priors)
         "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
                   "compile": bool(args.compile or settings.cuda_graphs), "cuda_graphs": settings.cuda_graphs},
     }

@@ -11,6 +11,7 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,7 +32,7 @@ log = logging.getLogger("dcdp")
 T_MAX = NUM_DIFFUSION_STEPS
 
 # The `purification:` block. Official keys first, then ours. A default of REQUIRED means the key must be given.
-PURIFICATION_SCHEMA: dict[str, Key] = {
+CORE_PURIFICATION_SCHEMA: dict[str, Key] = {
     "total_num_iterations": _int(lo=1),                       # K
     "csgm_num_iterations": _int(lo=1),                        # τ
     "lr": _float(lo=0, lo_open=True),
@@ -53,13 +54,17 @@ PURIFICATION_SCHEMA: dict[str, Key] = {
     "final_csgm_num_iterations": _int(None, lo=1, nullable=True),
     "final_dc_iterations": _int(0, lo=0),
     "exact_transpose": _bool(False),
-    "data_consistency_type": _choice(("pixel", "latent"), None, nullable=True),
-    "cm_sigma_schedule": _choice(("timestep", "direct"), None, nullable=True),
-    "cm_sigma_init": _float(None, lo=0, lo_open=True, nullable=True),
-    "cm_sigma_end": _float(None, lo=0, lo_open=True, nullable=True),
-    "cm_multistep": _int(None, lo=0, nullable=True),
 }
-PRIOR_OPTION_KEYS = ("data_consistency_type", "cm_sigma_schedule", "cm_sigma_init", "cm_sigma_end", "cm_multistep")
+
+
+@functools.cache
+def purification_schema() -> dict[str, Key]:
+    """The `purification:` keys: DCDP's, then those the priors read (each prior declares its `OPTIONS`)."""
+    from .priors import prior_options_schema
+
+    return {**CORE_PURIFICATION_SCHEMA, **prior_options_schema()}
+
+
 # Keys that do not change any number (excluded from a run's identity).
 NO_EFFECT_KEYS = ("save_every_main", "save_every_sub")
 
@@ -259,12 +264,13 @@ class PurificationConfig:
 
     def prior_options(self) -> dict:
         """Keys the prior reads itself (latent DC type, consistency-model options), those that are set."""
-        return {k: self.values[k] for k in PRIOR_OPTION_KEYS if self.values[k] is not None}
+        core = CORE_PURIFICATION_SCHEMA
+        return {k: v for k, v in self.values.items() if k not in core and v is not None}
 
 
 def _nested(d: dict) -> dict:
     """`d` in the official layout; a file of dcdp before 2026-12 (the hyper-parameters at the top level) is nested."""
-    if "purification" in d or not any(k in PURIFICATION_SCHEMA for k in d):
+    if "purification" in d or not any(k in purification_schema() for k in d):
         return d
     return {"purification": {k: v for k, v in d.items() if k not in ("dataset", "others")},
             **{k: d[k] for k in ("dataset", "others") if k in d}}
@@ -281,7 +287,7 @@ def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optio
                           f"{', '.join(PURIFICATION_FILE_KEYS)} (the hyper-parameters go under 'purification:')")
     if "purification" not in d:
         raise ConfigError(f"{where}: needs a 'purification:' block with the hyper-parameters (the official layout)")
-    values = check_block(d["purification"], PURIFICATION_SCHEMA, origins, ("purification",), "purification")
+    values = check_block(d["purification"], purification_schema(), origins, ("purification",), "purification")
     dataset_given = d.get("dataset") is not None
     raw_dataset = d.get("dataset")
     if not dataset_given and dataset_fallback:
@@ -332,9 +338,6 @@ def ldm_driver_purification(flags: dict, overrides: Optional[list[Override]] = N
 # Model config
 # ---------------------------------------------------------------------------------------------
 
-PRIOR_KINDS = ("pixel", "latent", "consistency")
-
-
 def load_model_config(path, overrides: Optional[list[Override]] = None, *, random_weights: bool = False) -> dict:
     """The model config as a dict; `model_path` must be given (null = random weights, said explicitly).
 
@@ -343,12 +346,14 @@ def load_model_config(path, overrides: Optional[list[Override]] = None, *, rando
     origins = Origins(f"model config '{path}'")
     d = apply_overrides(load_yaml(path, "model config"), overrides or [], "model", origins)
     where = origins.default
-    if "measurement" in d or "purification" in d or any(k in d for k in PURIFICATION_SCHEMA):
+    if "measurement" in d or "purification" in d or any(k in d for k in purification_schema()):
         raise ConfigError(f"{where} is not a model config (it holds a task or purification block); give a file "
                           f"from model_configurations/ as --model_config")
     kind = d.get("kind", "pixel")
-    if kind not in PRIOR_KINDS:
-        raise ConfigError(f"{origins.of('kind')}: kind = {kind!r} is not allowed; use one of {', '.join(PRIOR_KINDS)}")
+    from .priors import PRIORS
+
+    if kind not in PRIORS:
+        raise ConfigError(f"{origins.of('kind')}: kind = {kind!r} is not allowed; use one of {', '.join(PRIORS)}")
     if random_weights:
         d["model_path"] = None
     elif "model_path" not in d:

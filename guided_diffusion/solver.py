@@ -11,25 +11,21 @@ summed over images of per-image means, so each image sees exactly the official g
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
 from . import fast_dc
 from .gaussian_diffusion import purification_schedule
 
-log = logging.getLogger("dcdp")
+if TYPE_CHECKING:  # the protocols the loop works against
+    from .measurements import Operator
+    from .priors import Prior
+
 
 OPTIMIZERS = ("SGD", "Adam")
 LOSSES = ("L2", "L1")
-
-
-class Purifier(Protocol):
-    def purify(self, x: torch.Tensor, T_k: int, generators: Sequence[torch.Generator], k: int = 0, K: int = 1) -> torch.Tensor: ...
-
-    def nfe(self, T_k: int) -> int: ...
 
 
 def _per_image_mean(err: torch.Tensor) -> torch.Tensor:
@@ -131,8 +127,8 @@ class DCDPResult:
 
 def run_dcdp(
     y: torch.Tensor,
-    operator,
-    purifier: Purifier,
+    operator: "Operator",
+    purifier: "Prior",
     settings: DCDPSettings,
     generators: Sequence[torch.Generator],
     x_init: torch.Tensor,
@@ -156,6 +152,8 @@ def run_dcdp(
     and an image that becomes NaN/Inf there is recorded with `failed_at` = K.
     """
     timesteps = settings.timesteps()
+    # the prior's own noise level per round (a consistency model's σ_k); a bare purifier uses T_k itself
+    levels = purifier.levels(timesteps) if hasattr(purifier, "levels") else timesteps
     image = to_image or (lambda v: v)
     forward = (lambda v, **s: operator.forward(image(v), **s)) if to_image else operator
     exact = settings.exact_transpose and to_image is None
@@ -176,8 +174,8 @@ def run_dcdp(
         dc_steps += steps
         x_before = x
         if settings.purify:
-            x = purifier.purify(x, T_k, generators, k=k, K=settings.K)
-            nfe += purifier.nfe(T_k)
+            x = purifier.purify(x, levels[k], generators)
+            nfe += purifier.nfe(levels[k])
         if record_iterates:
             iterates.extend([image(v).detach().cpu() for v in (first[0] if first else x_before, x_before, x)])
         if check_finite:

@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from guided_diffusion.priors import PriorBuild, PriorBase
+from util.schema import choice_key
+
 from .loading import load_latent_model
 from .model import LatentDiffusion
 from .schedule import draw_noise, num_ddim_steps, purify_latent
@@ -21,11 +24,14 @@ from .schedule import draw_noise, num_ddim_steps, purify_latent
 DATA_CONSISTENCY_TYPES = ("pixel", "latent")
 
 
-class LatentPrior:
+class LatentPrior(PriorBase):
     """Latent DCDP prior around a loaded LDM; independent of the driver.
 
     `model_config` is a ``kind: latent`` model configuration dict (see `loading.parse_model_config`).
     """
+
+    # purification-config keys read by this prior (DCDP-LDM's --data_consistency_type; null: pixel)
+    OPTIONS = {"data_consistency_type": choice_key(DATA_CONSISTENCY_TYPES, None, nullable=True)}
 
     def __init__(
         self,
@@ -48,6 +54,15 @@ class LatentPrior:
         self.space = data_consistency_type
         self.full_ddim = full_ddim
         self.ddim_num_iterations = ddim_num_iterations
+        self.model_path = model_config.get("model_path")
+
+    @classmethod
+    def from_config(cls, model_config: dict, build: PriorBuild) -> "LatentPrior":
+        return cls(model_config, build.device, data_consistency_type=build.options.get("data_consistency_type", "pixel"),
+                   full_ddim=build.full_ddim, ddim_num_iterations=build.ddim_num_iterations)
+
+    def describe(self) -> dict:
+        return {"kind": "latent", "model_path": self.model_path, "run_suffix": f"latent_{self.space}", "precision": None}
 
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int, int]:
         """(B, 3, H, W) -> (B, embed_dim, H/f, W/f)."""
@@ -70,13 +85,8 @@ class LatentPrior:
         return None if self.space == "pixel" else self.model.decode
 
     @torch.no_grad()
-    def purify(
-        self, v: torch.Tensor, T_k: int, generators: Sequence[torch.Generator], k: int = 0, K: int = 1
-    ) -> torch.Tensor:
-        """Purify the variable at noise level T_k (1 … 1000); returns a detached tensor shaped like v.
-
-        `k`, `K` (the outer iteration and their number) are part of the driver's prior interface; unused here.
-        """
+    def purify(self, v: torch.Tensor, T_k: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Purify the variable at noise level T_k (1 … 1000); returns a detached tensor shaped like v."""
         if self.space == "pixel":
             z = self.model.encode(v)
         else:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 
 class Registry(Mapping):
-    """`registry[name]` is the class (importing a lazy entry); iteration gives the names, sorted."""
+    """`registry[name]` is the class (importing a lazy entry); iteration gives the names in registration order."""
 
     def __init__(self, kind: str, lazy: Mapping[str, str] | None = None):
         self.kind = kind
@@ -43,7 +43,7 @@ class Registry(Mapping):
         return entry
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._entries))
+        return iter(list(self._entries))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,7 +55,7 @@ class Registry(Mapping):
         """`cls(**params)` for the class registered as `name`; unknown names or parameters raise ValueError
         listing the valid ones (parameters are those of the class's `__init__`)."""
         if name not in self._entries:
-            raise ValueError(f"unknown {self.kind} '{name}'; valid names: {', '.join(self)}")
+            raise ValueError(f"unknown {self.kind} '{name}'; valid names: {', '.join(sorted(self))}")
         cls = self[name]
         valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
         unknown = [k for k in params if k not in valid]
