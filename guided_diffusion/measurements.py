@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -17,6 +17,7 @@ import torch
 
 from motionblur import motion_kernel
 from util.fft import KernelFFT, fft2c, ifft2c, kernel_fft, reflect_correlate, reflect_correlate_adjoint
+from util.noise import Generators, draw_per_image
 from util.registry import Registry
 from util.resizer import imresize_matrix
 
@@ -502,23 +503,6 @@ class PhaseRetrievalOperator(Operator):
 
 # ---- measurement noise ----
 
-Generators = torch.Generator | Sequence[torch.Generator]
-
-
-def _draw_per_image(y: torch.Tensor, generator, draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
-    """Apply `draw(y_cpu, generator)` to the whole batch, or to each image with its own generator."""
-    y_cpu = y.detach().to("cpu")
-    if isinstance(generator, torch.Generator):
-        out = draw(y_cpu, generator)
-    else:
-        generators = list(generator)
-        if len(generators) != y.shape[0]:
-            raise ValueError(f"noise: got {len(generators)} generators for a batch of {y.shape[0]}; "
-                             f"pass one torch.Generator per image (or a single one)")
-        out = torch.cat([draw(y_cpu[b:b + 1], g) for b, g in enumerate(generators)])
-    return out.to(device=y.device, dtype=y.dtype)
-
-
 @register_noise("gaussian")
 class GaussianNoise(Noise):
     """y + σ·n, n ~ N(0, I) drawn (float32) on the CPU from the image's generator."""
@@ -528,7 +512,7 @@ class GaussianNoise(Noise):
 
     def __call__(self, y: torch.Tensor, generator: Generators) -> torch.Tensor:
         """y (B, ...) -> y + σ·n. `generator`: one for the batch, or one per image."""
-        noise = _draw_per_image(y, generator, lambda v, g: torch.randn(v.shape, generator=g))
+        noise = draw_per_image(y, generator, lambda v, g: torch.randn(v.shape, generator=g))
         return y + self.sigma * noise
 
 
@@ -551,4 +535,4 @@ class PoissonNoise(Noise):
             counts = torch.poisson(y01 * scale, generator=g)
             return (counts / scale * 2.0 - 1.0).clamp(-1.0, 1.0)
 
-        return _draw_per_image(y, generator, draw)
+        return draw_per_image(y, generator, draw)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from util.checkpoints import CheckpointError, load_torch_file
-from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS
+from guided_diffusion.gaussian_diffusion import NUM_DIFFUSION_STEPS, q_sample
 from guided_diffusion.training_data import RandomCrops
 from guided_diffusion.unet import MODEL_CONFIG_DEFAULTS, create_model
 from util.cli import OneLineParser, pick_device, run_command
@@ -257,10 +257,7 @@ def diffusion_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, eps: tor
     x0, eps: (B, 3, H, W); t: (B,) int64 in 0..999. The coefficients come from the float64 ᾱ table
     and are cast to float32 per sample, as guided-diffusion's `_extract_into_tensor` does.
     """
-    alpha_bar = torch.from_numpy(ALPHA_BAR)[t.cpu()]                       # (B,) float64
-    a = alpha_bar.sqrt().float().to(x0.device).view(-1, 1, 1, 1)
-    s = (1.0 - alpha_bar).sqrt().float().to(x0.device).view(-1, 1, 1, 1)
-    x_t = a * x0 + s * eps
+    x_t = q_sample(x0, t, eps)
     eps_hat = model(x_t, t)[:, :3].float()
     return (eps - eps_hat).pow(2).mean()
 

@@ -14,12 +14,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from guided_diffusion.priors import PriorBuild, PriorBase
+from guided_diffusion.priors import PriorBase, PriorBuild
+from util.noise import randn_per_image
 from util.schema import choice_key
 
 from .loading import load_latent_model
 from .model import LatentDiffusion
-from .schedule import draw_noise, num_ddim_steps, purify_latent
+from .schedule import num_ddim_steps, purify_latent
 
 DATA_CONSISTENCY_TYPES = ("pixel", "latent")
 
@@ -76,7 +77,7 @@ class LatentPrior(PriorBase):
         """Initial variable for images of `shape` (B, 3, H, W): zeros (pixel) or N(0, I) latents (latent)."""
         if self.space == "pixel":
             return torch.zeros(tuple(shape), device=self.device)
-        return draw_noise(self.latent_shape(shape), generators, self.device)
+        return randn_per_image(self.latent_shape(shape), generators, self.device)
 
     @property
     def to_image(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -91,7 +92,7 @@ class LatentPrior(PriorBase):
             z = self.model.encode(v)
         else:
             z = self.model.encode(self.model.decode(v))  # re-encode: z ← E(D(z))
-        noise = draw_noise(z.shape, generators, z.device)
+        noise = randn_per_image(z.shape, generators, z.device)
         z = purify_latent(
             self.model.eps, z, int(T_k), noise, self.model.alphas_cumprod, self.full_ddim, self.ddim_num_iterations
         )
