@@ -249,16 +249,6 @@ def main(argv=None) -> int:
     except DCDPError as exc:
         log.error(f"error: {exc}")
         return EXIT_BAD_INPUT
-    except Exception as exc:
-        compiled = args.compile or args.cuda_graphs
-        if not (compiled and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))):
-            raise
-        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        log.error(f"error: the network compiled by torch.compile failed ({type(cause).__name__}: {first}); run "
-                  f"without --compile, --cuda_graphs and --fast to see whether compilation is the cause (a broken "
-                  f"toolchain: Triton on CUDA, a C++ compiler on the CPU)")
-        return EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)

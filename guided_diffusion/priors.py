@@ -20,6 +20,7 @@ from typing import Callable, ClassVar, Optional, Protocol, Sequence
 
 import torch
 
+from util.errors import DCDPError
 from util.registry import Registry
 from util.schema import Key
 
@@ -109,6 +110,17 @@ def build_prior(model_config: dict, *, full_ddim: bool, ddim_num_iterations: int
 # The pixel prior: a guided-diffusion ε-model
 # ---------------------------------------------------------------------------------------------
 
+class CompileError(DCDPError):
+    """The torch.compile'd network failed where the uncompiled one runs: the compiler toolchain is broken."""
+
+    def __init__(self, exc: BaseException):
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        super().__init__(f"the network compiled by torch.compile failed ({type(cause).__name__}: {first}); run "
+                         f"without --compile, --cuda_graphs and --fast to see whether compilation is the cause (a "
+                         f"broken toolchain: Triton on CUDA, a C++ compiler on the CPU)")
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
     """The network precision a setting means on `device`: `auto` is the official behaviour, fp16 autocast
     on CUDA (dcdp.py wraps purification in `torch.cuda.amp.autocast()`), plain fp32 elsewhere."""
@@ -142,6 +154,7 @@ class PixelPrior(PriorBase):
         self.device = torch.device(device)
         self.precision = precision
         self.model_path = model_path
+        self._compile_checked = False
         autocast_context(self.device, precision)  # validate early
 
     @classmethod
@@ -173,7 +186,17 @@ class PixelPrior(PriorBase):
 
     def _eps_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.precision):
-            return self.model(x, t)
+            if self._compile_checked or not hasattr(self.model, "_orig_mod"):
+                return self.model(x, t)
+            try:  # the first call of a torch.compile'd network is where its compiler runs
+                out = self.model(x, t)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - told apart below by running the network uncompiled
+                self.model._orig_mod(x, t)  # an error that is not the compiler's is raised here, as it is
+                raise CompileError(exc) from exc
+            self._compile_checked = True
+            return out
 
     @torch.no_grad()
     def purify(self, x: torch.Tensor, T_k: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
