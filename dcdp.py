@@ -25,12 +25,13 @@ from typing import Optional
 import torch
 
 from guided_diffusion.config import (
-    REPO_ROOT, Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
-    load_purification_config, load_task_config, parse_overrides, resolve_path,
+    Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
+    load_purification_config, load_task_config, parse_overrides,
 )
 from util.cli import EXIT_BAD_INPUT, OneLineParser
 from util.cli import pick_device as parse_device
 from util.errors import ConfigError, DCDPError, RunFolderError
+from util.files import REPO_ROOT, resolve_path
 
 log = logging.getLogger("dcdp")
 
@@ -100,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "no restoration, only the LPIPS columns (weights: python scripts/fetch_lpips_weights.py)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
                    help="run a grid: one ordinary run per combination of the values (or a YAML file with a "
-                        "'sweep:' block); table and plots in {save_dir}/sweeps/ (util/sweep.py)")
+                        "'sweep:' block); table and plots in {save_dir}/sweeps/ (runner/sweep.py)")
     ldm = p.add_argument_group("official DCDP-LDM flags", "purification settings as the official DCDP-LDM driver "
                                "takes them; without --purification_config they start from its defaults")
     for flag in LDM_FLAGS:
@@ -251,22 +252,12 @@ def main(argv=None) -> int:
         return 1 if any(r["layout"] in ("mismatch", "unreadable", "config error") for r in rows) else 0
     try:
         if args.sweep:
-            from util.sweep import run_sweep
+            from runner.sweep import run_sweep
 
             return run_sweep(args, run)
         return run(args)
     except DCDPError as exc:
         log.error(f"error: {exc}")
-        return EXIT_BAD_INPUT
-    except Exception as exc:
-        compiled = args.compile or args.cuda_graphs
-        if not (compiled and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))):
-            raise
-        cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc  # the compiler's own error
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        log.error(f"error: the network compiled by torch.compile failed ({type(cause).__name__}: {first}); run "
-                  f"without --compile, --cuda_graphs and --fast to see whether compilation is the cause (a broken "
-                  f"toolchain: Triton on CUDA, a C++ compiler on the CPU)")
         return EXIT_BAD_INPUT
 
 
@@ -313,7 +304,7 @@ def load_configs(args):
 
 def build_context(args, device: torch.device, dist: "Distributed") -> RunContext:
     from guided_diffusion.measurements import get_noise, get_operator
-    from guided_diffusion.priors import build_prior, resolve_precision
+    from guided_diffusion.priors import build_prior
     from util import run_outputs as out
     from util.image_io import list_images
 
@@ -385,7 +376,7 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         "dataset": {"name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
                     "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         # the network precision changes the numbers of pixel priors (the others ignore --precision)
-        "precision": resolve_precision(device, args.precision) if prior_info["kind"] == "pixel" else None,
+        "precision": prior_info["precision"],  # the network precision, where it changes the numbers (pixel priors)
         "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
                   "compile": bool(args.compile or settings.cuda_graphs), "cuda_graphs": settings.cuda_graphs},
     }

@@ -6,12 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-import yaml
 
 from bkse.kernel_wizard import KernelWizard, check_options
-from guided_diffusion.checkpoints import CheckpointError, load_strict, read_state_dict
+from util.checkpoints import CheckpointError, load_strict, read_state_dict
+from util.files import load_yaml, resolve_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OPTIONS = "bkse/options/generate_blur/default.yml"
 CHECKPOINT_SOURCE = (
     "the Google Drive link in the README of https://github.com/VinAIResearch/blur-kernel-space-exploring"
@@ -19,28 +18,11 @@ CHECKPOINT_SOURCE = (
 RANDOM_INIT_SEED = 0  # `pretrained: null` networks are random but reproducible
 
 
-def resolve(path: str | os.PathLike) -> Path:
-    """`path` as given if absolute, else under the current directory, then under the repository root.
-    A missing relative file resolves to its place under the repository root (for error messages)."""
-    path = Path(os.path.expanduser(os.fspath(path)))
-    if path.is_absolute():
-        return path
-    for base in (Path.cwd(), REPO_ROOT):
-        if (base / path).is_file():
-            return (base / path).resolve()
-    return (REPO_ROOT / path).resolve()
-
-
 def load_options(opt_yml_path: str | os.PathLike = DEFAULT_OPTIONS) -> dict:
     """Read the `KernelWizard` section of a bkse options YAML (keys as in bkse's default.yml)."""
-    path = resolve(opt_yml_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"nonlinear_blur: options file '{opt_yml_path}' not found in the current directory or in {REPO_ROOT}; "
-            f"set opt_yml_path in the task config (e.g. ./{DEFAULT_OPTIONS})"
-        )
-    with open(path) as f:
-        doc = yaml.safe_load(f)
+    path = resolve_path(opt_yml_path)
+    doc = load_yaml(opt_yml_path, "nonlinear_blur: options",
+                    fix=f"set opt_yml_path in the task config (e.g. ./{DEFAULT_OPTIONS})")
     if not isinstance(doc, Mapping) or "KernelWizard" not in doc:
         raise ValueError(f"{path}: no 'KernelWizard' section; start from {DEFAULT_OPTIONS}")
     opt = dict(doc["KernelWizard"])
@@ -52,7 +34,7 @@ def checkpoint_path(opt: Mapping, opt_yml_path: str | os.PathLike = DEFAULT_OPTI
     """The existing checkpoint named by `pretrained` (None for `pretrained: null`); CheckpointError if missing."""
     if opt.get("pretrained") is None:
         return None
-    path = resolve(opt["pretrained"])
+    path = resolve_path(opt["pretrained"]).resolve()
     if not path.is_file():
         raise CheckpointError(
             f"nonlinear_blur: KernelWizard checkpoint '{path}' not found (the 'pretrained' entry of {opt_yml_path}); "

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from guided_diffusion.checkpoints import load_weights
+from util.checkpoints import load_weights
 from guided_diffusion.unet import resolve_model_path
 
 from .network import NETWORK_DEFAULTS, NUM_CLASSES, build_network

@@ -12,7 +12,8 @@ Noise level σ_k of outer iteration k (`cm_sigma_schedule`):
   pixel purifier at the same T_k (T 400 → σ 2.03, T 1 → σ 0.01). No T_k = 1 → 2 bump: there is no
   DDIM chain to size.
 - `direct`: σ_k = σ_init·(σ_end/σ_init)^(k/(K−1)), a geometric decay over k = 0..K−1 (σ spans
-  decades, as on the Karras grid); needs `purify(..., k=k, K=K)`.
+  decades, as on the Karras grid).
+`levels(timesteps)` turns the run's schedule into σ_k for every round; `purify(x, σ_k, generators)`.
 Both are clipped to [σ_min, σ_max].
 
 Refinement levels s_j (j = 1..m) are the ρ = 7 Karras spacing from σ_k down to σ_min over m + 2
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from guided_diffusion.gaussian_diffusion import ALPHA_BAR, NUM_DIFFUSION_STEPS, randn_per_image
+from guided_diffusion.priors import PriorBase, PriorBuild
+from util.schema import choice_key, float_key, int_key
 
 from .loading import load_consistency_model, resolve_model_config
 from .network import NUM_CLASSES
@@ -63,8 +66,9 @@ def _f32(value: float) -> float:
     return float(np.float32(value))
 
 
-class ConsistencyPurifier:
-    """DCDP's purifier backed by a consistency model: `purify(x, T_k, generators, k, K)` and `nfe(T_k)`.
+class ConsistencyPurifier(PriorBase):
+    """DCDP's purifier backed by a consistency model: `levels(timesteps)` (σ_k per round),
+    `purify(x, σ_k, generators)` and `nfe(σ_k)`.
 
     It is a pixel-space prior in the sense of `guided_diffusion.priors`: `init` gives the official
     zero start and `to_image` is None (the optimised variable is the image).
@@ -79,12 +83,29 @@ class ConsistencyPurifier:
 
     space = "pixel"
     to_image = None
+    # purification-config keys read by this prior (checked with the other keys; null: the default)
+    OPTIONS = {
+        "cm_sigma_schedule": choice_key(SIGMA_SCHEDULES, None, nullable=True),
+        "cm_sigma_init": float_key(None, lo=0, lo_open=True, nullable=True),
+        "cm_sigma_end": float_key(None, lo=0, lo_open=True, nullable=True),
+        "cm_multistep": int_key(None, lo=0, nullable=True),
+    }
 
     def __init__(self, model_config: Mapping, device: str | torch.device = "cpu", **cm_options):
+        self.given = {k: v for k, v in cm_options.items() if v is not None}
+        self.model_path = model_config.get("model_path")
         self.options = self._check_options(cm_options)
         self.denoiser: ConsistencyDenoiser = load_consistency_model(model_config, device)
         self.device = torch.device(device)
         self.class_label: int | None = resolve_model_config(model_config)["class_label"]
+
+    @classmethod
+    def from_config(cls, model_config: dict, build: PriorBuild) -> "ConsistencyPurifier":
+        return cls(model_config, build.device, **build.options)
+
+    def describe(self) -> dict:
+        suffix = "cm_" + "_".join(f"{v}" for _, v in sorted(self.given.items())) if self.given else "cm"
+        return {"kind": "consistency", "model_path": self.model_path, "run_suffix": suffix, "precision": None}
 
     @staticmethod
     def _check_options(cm_options: Mapping) -> dict:
@@ -117,7 +138,7 @@ class ConsistencyPurifier:
         """σ_k of this purification, clipped to [σ_min, σ_max]."""
         if self.options["cm_sigma_schedule"] == "direct":
             if k is None or K is None:
-                raise ValueError("ConsistencyPurifier: cm_sigma_schedule 'direct' needs the outer iteration; call purify(x, T_k, generators, k=k, K=K)")
+                raise ValueError("ConsistencyPurifier: cm_sigma_schedule 'direct' needs the outer iteration; call sigma(T_k, k=k, K=K)")
             s = direct_sigma(k, K, self.options["cm_sigma_init"], self.options["cm_sigma_end"])
         else:
             s = sigma_from_timestep(T_k)
@@ -127,8 +148,13 @@ class ConsistencyPurifier:
         """The levels the network is evaluated at: [σ_k, s_1, …, s_m], decreasing."""
         return refinement_sigmas(self.sigma(T_k, k, K), self.options["cm_multistep"], self.denoiser.sigma_min)
 
-    def nfe(self, T_k: int) -> int:
-        """Network evaluations per purification: 1 + cm_multistep (whatever T_k)."""
+    def levels(self, timesteps: Sequence[int]) -> list[float]:
+        """σ_k of every round k for the run's purification schedule T_0..T_{K−1}, clipped."""
+        K = len(timesteps)
+        return [self.sigma(T_k, k, K) for k, T_k in enumerate(timesteps)]
+
+    def nfe(self, sigma: float) -> int:
+        """Network evaluations per purification: 1 + cm_multistep (whatever the level)."""
         return 1 + self.options["cm_multistep"]
 
     def class_labels(self, generators: Sequence[torch.Generator]) -> torch.Tensor | None:
@@ -150,25 +176,17 @@ class ConsistencyPurifier:
         return torch.tensor(labels, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def purify(
-        self,
-        x: torch.Tensor,
-        T_k: int,
-        generators: Sequence[torch.Generator],
-        k: int | None = None,
-        K: int | None = None,
-    ) -> torch.Tensor:
+    def purify(self, x: torch.Tensor, sigma: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Purify x: (B, 3, H, W) (the data-consistency iterate, any range) → (B, 3, H, W) in [-1, 1].
 
-        T_k: the purification timestep of outer iteration k (1..1000); k, K: the outer iteration and
-        their number (needed by `cm_sigma_schedule: direct`). Image b's noise comes from generators[b]
-        (CPU draws, moved to x's device), so results do not depend on the batch.
+        sigma: σ_k of this round (`levels`; `sigma(T_k)` for one timestep). Image b's noise comes from
+        generators[b] (CPU draws, moved to x's device), so results do not depend on the batch.
         """
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"ConsistencyPurifier.purify: x must be (B, 3, H, W), got {tuple(x.shape)}")
         x = x.detach().to(self.device, torch.float32)
         y = self.class_labels(generators)
-        sigmas = self.sigmas(T_k, k, K)
+        sigmas = refinement_sigmas(float(sigma), self.options["cm_multistep"], self.denoiser.sigma_min)
         x_t = x + _f32(sigmas[0]) * randn_per_image(x.shape, generators, x.device)  # x_σ = x + σ_k·n
         x0 = self.denoiser(x_t, sigmas[0], y).clamp(-1.0, 1.0)  # one consistency step
         for s in sigmas[1:]:  # CM multistep: re-noise x̂_0 to s, map back

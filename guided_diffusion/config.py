@@ -11,166 +11,28 @@ the key, the value and what is allowed.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
-import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from util.errors import ConfigError  # noqa: F401  (re-exported: callers import it from here)
+from util.files import load_yaml
+from util.schema import Key, Origins, check_block
+from util.schema import bool_key as _bool
+from util.schema import choice_key as _choice
+from util.schema import float_key as _float
+from util.schema import int_key as _int
 
 from .gaussian_diffusion import NUM_DIFFUSION_STEPS, SCHEDULE_KINDS
 from .solver import LOSSES, OPTIMIZERS, DCDPSettings
 
 log = logging.getLogger("dcdp")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_constructor("tag:yaml.org,2002:python/tuple", lambda loader, node: loader.construct_sequence(node))
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """A path as given if it exists (relative to the cwd), else relative to the repository root."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    alt = REPO_ROOT / p
-    return alt if alt.exists() else p
-
-
-def load_yaml(path: str | os.PathLike, what: str = "config") -> dict:
-    p = resolve_path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} file '{path}' not found" + (" (it is a folder)" if p.is_dir() else ""))
-    try:
-        text = p.read_text(encoding="utf-8")
-        data = yaml.load(text, Loader=_Loader)
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} file '{path}' is not a text (YAML) file; give a .yaml file") from None
-    except OSError as exc:
-        raise ConfigError(f"{what} file '{path}' cannot be read ({exc.strerror})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} file '{path}' is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} file '{path}' must hold a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# Typed keys
-# ---------------------------------------------------------------------------------------------
-
-REQUIRED = object()
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key: its kind (int, float, bool, str, choice, size), default and allowed range."""
-
-    kind: str
-    default: Any = None
-    lo: Optional[float] = None          # inclusive lower bound
-    hi: Optional[float] = None          # inclusive upper bound
-    lo_open: bool = False               # lower bound exclusive
-    hi_open: bool = False               # upper bound exclusive
-    choices: tuple = ()
-    nullable: bool = False
-
-    def allowed(self) -> str:
-        if self.kind == "bool":
-            return "true or false (YAML booleans, unquoted)"
-        if self.kind == "choice":
-            return "one of " + ", ".join(map(str, self.choices))
-        if self.kind == "size":
-            return "an image size: an integer >= 8, or [1, 3, H, W] with H = W"
-        if self.kind == "str":
-            return "a string"
-        noun = "an integer" if self.kind == "int" else "a number"
-        parts = []
-        if self.lo is not None:
-            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
-        if self.hi is not None:
-            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
-        return noun + (" " + " and ".join(parts) if parts else "") + (" or null" if self.nullable else "")
-
-    def check(self, value: Any) -> Any:
-        """The value, converted; raises ValueError (with no location) when it is not allowed."""
-        if value is None:
-            if self.nullable:
-                return None
-            raise ValueError
-        if self.kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if self.kind in ("int", "float"):
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, str):  # YAML 1.1 reads 1e4 as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    raise ValueError from None
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError
-            if self.kind == "int":
-                if float(value) != int(value):
-                    raise ValueError
-                value = int(value)
-            else:
-                value = float(value)
-            if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
-                raise ValueError
-            if self.hi is not None and (value > self.hi or (self.hi_open and value == self.hi)):
-                raise ValueError
-            return value
-        if self.kind == "choice":
-            if value not in self.choices:
-                raise ValueError
-            return value
-        if self.kind == "str":
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-        if self.kind == "size":
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 8:
-                return value
-            if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                    for v in value)
-                    and value[2] == value[3] and value[2] >= 8):
-                return value[-1]
-            raise ValueError
-        raise AssertionError(self.kind)
-
-
-def _int(default=REQUIRED, lo=None, hi=None, nullable=False):
-    return Key("int", default, lo=lo, hi=hi, nullable=nullable)
-
-
-def _float(default=REQUIRED, lo=None, hi=None, lo_open=False, hi_open=False, nullable=False):
-    return Key("float", default, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, nullable=nullable)
-
-
-def _bool(default):
-    return Key("bool", default)
-
-
-def _choice(choices, default=REQUIRED, nullable=False):
-    return Key("choice", default, choices=tuple(choices), nullable=nullable)
-
-
 T_MAX = NUM_DIFFUSION_STEPS
 
 # The `purification:` block. Official keys first, then ours. A default of REQUIRED means the key must be given.
-PURIFICATION_SCHEMA: dict[str, Key] = {
+CORE_PURIFICATION_SCHEMA: dict[str, Key] = {
     "total_num_iterations": _int(lo=1),                       # K
     "csgm_num_iterations": _int(lo=1),                        # τ
     "lr": _float(lo=0, lo_open=True),
@@ -192,13 +54,17 @@ PURIFICATION_SCHEMA: dict[str, Key] = {
     "final_csgm_num_iterations": _int(None, lo=1, nullable=True),
     "final_dc_iterations": _int(0, lo=0),
     "exact_transpose": _bool(False),
-    "data_consistency_type": _choice(("pixel", "latent"), None, nullable=True),
-    "cm_sigma_schedule": _choice(("timestep", "direct"), None, nullable=True),
-    "cm_sigma_init": _float(None, lo=0, lo_open=True, nullable=True),
-    "cm_sigma_end": _float(None, lo=0, lo_open=True, nullable=True),
-    "cm_multistep": _int(None, lo=0, nullable=True),
 }
-PRIOR_OPTION_KEYS = ("data_consistency_type", "cm_sigma_schedule", "cm_sigma_init", "cm_sigma_end", "cm_multistep")
+
+
+@functools.cache
+def purification_schema() -> dict[str, Key]:
+    """The `purification:` keys: DCDP's, then those the priors read (each prior declares its `OPTIONS`)."""
+    from .priors import prior_options_schema
+
+    return {**CORE_PURIFICATION_SCHEMA, **prior_options_schema()}
+
+
 # Keys that do not change any number (excluded from a run's identity).
 NO_EFFECT_KEYS = ("save_every_main", "save_every_sub")
 
@@ -212,51 +78,6 @@ LDM_DRIVER_DEFAULTS = {
     "ddim_num_iterations": 20, "full_ddim": False, "ddim_eta": 0.0, "save_every_main": 1,
     "save_every_sub": 10000, "data_consistency_type": "pixel",
 }
-
-
-class Origins:
-    """Where each value came from: a file, or an override given on the command line."""
-
-    def __init__(self, default: str):
-        self.default = default
-        self.by_path: dict[tuple, str] = {}
-
-    def of(self, *path) -> str:
-        for n in range(len(path), 0, -1):
-            if path[:n] in self.by_path:
-                return self.by_path[path[:n]]
-        return self.default
-
-
-def _bad(where: str, key: str, value: Any, spec: Key) -> ConfigError:
-    return ConfigError(f"{where}: {key} = {value!r} is not allowed; use {spec.allowed()}")
-
-
-def _check_block(block: Any, schema: dict, origins: Origins, path: tuple, label: str) -> dict:
-    """Check a mapping against `schema`: unknown keys, required keys, types and ranges; fills defaults."""
-    where = origins.of(*path)
-    if block is None:
-        block = {}
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where}: '{label}' must be a mapping of keys (key: value lines indented under "
-                          f"'{label}:'), got {type(block).__name__} {block!r}; valid keys: {', '.join(schema)}")
-    unknown = [k for k in block if k not in schema]
-    if unknown:
-        where = origins.of(*path, unknown[0])
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(str, unknown))} in '{label}'; "
-                          f"valid keys: {', '.join(schema)}")
-    out = {}
-    for key, spec in schema.items():
-        if key not in block:
-            if spec.default is REQUIRED:
-                raise ConfigError(f"{where}: '{label}' is missing the key '{key}' ({spec.allowed()})")
-            out[key] = spec.default
-            continue
-        try:
-            out[key] = spec.check(block[key])
-        except ValueError:
-            raise _bad(origins.of(*path, key), f"{label}.{key}", block[key], spec) from None
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +205,7 @@ def load_task_config(path, overrides: Optional[list[Override]] = None) -> TaskCo
     if noise_name not in NOISE_SCHEMAS or noise_name not in __NOISES__:
         raise ConfigError(f"{origins.of('measurement', 'noise', 'name')}: measurement.noise.name = {noise_name!r} "
                           f"is not allowed; use one of {', '.join(NOISE_SCHEMAS)}")
-    noise = _check_block(noise, NOISE_SCHEMAS[noise_name], origins, ("measurement", "noise"), "measurement.noise")
+    noise = check_block(noise, NOISE_SCHEMAS[noise_name], origins, ("measurement", "noise"), "measurement.noise")
     notes = []
     if "mask_opt" in m:  # the official inpainting files: ignored by both official drivers
         if operator["name"] == "inpainting" and "mask_opt" not in operator:
@@ -395,7 +216,7 @@ def load_task_config(path, overrides: Optional[list[Override]] = None) -> TaskCo
         else:
             notes.append(f"note: {where}: measurement.mask_opt is ignored (as by the official code); the "
                          f"operator's own settings are used")
-    data = _check_block(d.get("data"), DATA_SCHEMA, origins, ("data",), "data") if "data" in d else {}
+    data = check_block(d.get("data"), DATA_SCHEMA, origins, ("data",), "data") if "data" in d else {}
     ignored = [k for k in ("conditioning",) if k in d]
     return TaskConfig(operator=operator, noise=noise, ignored=ignored, data=data, notes=notes, path=str(path))
 
@@ -443,12 +264,13 @@ class PurificationConfig:
 
     def prior_options(self) -> dict:
         """Keys the prior reads itself (latent DC type, consistency-model options), those that are set."""
-        return {k: self.values[k] for k in PRIOR_OPTION_KEYS if self.values[k] is not None}
+        core = CORE_PURIFICATION_SCHEMA
+        return {k: v for k, v in self.values.items() if k not in core and v is not None}
 
 
 def _nested(d: dict) -> dict:
     """`d` in the official layout; a file of dcdp before 2026-12 (the hyper-parameters at the top level) is nested."""
-    if "purification" in d or not any(k in PURIFICATION_SCHEMA for k in d):
+    if "purification" in d or not any(k in purification_schema() for k in d):
         return d
     return {"purification": {k: v for k, v in d.items() if k not in ("dataset", "others")},
             **{k: d[k] for k in ("dataset", "others") if k in d}}
@@ -465,14 +287,14 @@ def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optio
                           f"{', '.join(PURIFICATION_FILE_KEYS)} (the hyper-parameters go under 'purification:')")
     if "purification" not in d:
         raise ConfigError(f"{where}: needs a 'purification:' block with the hyper-parameters (the official layout)")
-    values = _check_block(d["purification"], PURIFICATION_SCHEMA, origins, ("purification",), "purification")
+    values = check_block(d["purification"], purification_schema(), origins, ("purification",), "purification")
     dataset_given = d.get("dataset") is not None
     raw_dataset = d.get("dataset")
     if not dataset_given and dataset_fallback:
         raw_dataset = {k: v for k, v in dataset_fallback.items() if v is not None}
         dataset_given = bool(raw_dataset)
-    dataset = _check_block(raw_dataset, DATASET_SCHEMA, origins, ("dataset",), "dataset")
-    others = _check_block(d.get("others"), OTHERS_SCHEMA, origins, ("others",), "others")
+    dataset = check_block(raw_dataset, DATASET_SCHEMA, origins, ("dataset",), "dataset")
+    others = check_block(d.get("others"), OTHERS_SCHEMA, origins, ("others",), "others")
     from util.image_io import DATASETS
 
     if dataset["name"] not in DATASETS:
@@ -516,9 +338,6 @@ def ldm_driver_purification(flags: dict, overrides: Optional[list[Override]] = N
 # Model config
 # ---------------------------------------------------------------------------------------------
 
-PRIOR_KINDS = ("pixel", "latent", "consistency")
-
-
 def load_model_config(path, overrides: Optional[list[Override]] = None, *, random_weights: bool = False) -> dict:
     """The model config as a dict; `model_path` must be given (null = random weights, said explicitly).
 
@@ -527,12 +346,14 @@ def load_model_config(path, overrides: Optional[list[Override]] = None, *, rando
     origins = Origins(f"model config '{path}'")
     d = apply_overrides(load_yaml(path, "model config"), overrides or [], "model", origins)
     where = origins.default
-    if "measurement" in d or "purification" in d or any(k in d for k in PURIFICATION_SCHEMA):
+    if "measurement" in d or "purification" in d or any(k in d for k in purification_schema()):
         raise ConfigError(f"{where} is not a model config (it holds a task or purification block); give a file "
                           f"from model_configurations/ as --model_config")
     kind = d.get("kind", "pixel")
-    if kind not in PRIOR_KINDS:
-        raise ConfigError(f"{origins.of('kind')}: kind = {kind!r} is not allowed; use one of {', '.join(PRIOR_KINDS)}")
+    from .priors import PRIORS
+
+    if kind not in PRIORS:
+        raise ConfigError(f"{origins.of('kind')}: kind = {kind!r} is not allowed; use one of {', '.join(PRIORS)}")
     if random_weights:
         d["model_path"] = None
     elif "model_path" not in d:

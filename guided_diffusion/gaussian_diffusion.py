@@ -13,6 +13,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from util.noise import randn_per_image  # noqa: F401  (re-exported: the samplers' noise)
+
 NUM_DIFFUSION_STEPS = 1000
 
 # A denoising network: model(x (B,3,H,W), t (B,) int64) -> (B, C>=3, H, W) whose first 3 channels are ε̂.
@@ -125,9 +127,17 @@ def _coef(value: float, like: torch.Tensor) -> float:
     return float(np.float32(value)) if like.dtype == torch.float32 else float(value)
 
 
-def q_sample(x0: torch.Tensor, t: int, noise: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε   (DDPM eq. 4), t an integer index 0..999."""
-    a = ALPHA_BAR[int(t)]
+def q_sample(x0: torch.Tensor, t, noise: torch.Tensor, alpha_bar=ALPHA_BAR) -> torch.Tensor:
+    """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε   (DDPM eq. 4), t an integer index into the float64 ᾱ table.
+
+    `alpha_bar`: the 1000-step linear table by default; a latent model passes its own. `t` may also be a
+    (B,) int64 tensor, one timestep per image (training), each coefficient cast to float32 per image as
+    guided-diffusion's `_extract_into_tensor` does.
+    """
+    if isinstance(t, torch.Tensor):
+        a = torch.as_tensor(alpha_bar, dtype=torch.float64)[t.cpu()].view(-1, *([1] * (x0.dim() - 1)))
+        return (a.sqrt().to(x0.dtype).to(x0.device) * x0 + (1.0 - a).sqrt().to(x0.dtype).to(x0.device) * noise)
+    a = float(alpha_bar[int(t)])
     return _coef(math.sqrt(a), x0) * x0 + _coef(math.sqrt(1.0 - a), x0) * noise
 
 
@@ -136,11 +146,15 @@ def _eps(model: EpsModel, x: torch.Tensor, t: int) -> torch.Tensor:
     return model(x, t_batch)[:, :3].to(x.dtype)
 
 
-def _predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-    """x̂_0 = sqrt(1/ᾱ_t)·x_t − sqrt(1/ᾱ_t − 1)·ε̂, clipped to [-1, 1] (clip_denoised=True)."""
-    a = ALPHA_BAR[int(t)]
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int, alpha_bar=ALPHA_BAR, clip: bool = True) -> torch.Tensor:
+    """x̂_0 = sqrt(1/ᾱ_t)·x_t − sqrt(1/ᾱ_t − 1)·ε̂ (Tweedie's estimate for an ε-model), clipped to [-1, 1]
+    (clip_denoised=True) unless `clip` is False (latents are not clipped)."""
+    a = float(alpha_bar[int(t)])
     x0 = _coef(math.sqrt(1.0 / a), x_t) * x_t - _coef(math.sqrt(1.0 / a - 1.0), x_t) * eps
-    return x0.clamp(-1.0, 1.0)
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+_predict_x0 = predict_x0
 
 
 @torch.no_grad()
@@ -175,13 +189,18 @@ def ddim_nfe(T_k: int, n: int = 20) -> int:
     return len(ddim_timesteps(T_k, n))
 
 
-def randn_per_image(shape: Sequence[int], generators: Sequence[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise of `shape` (B, ...), image b drawn on the CPU from generators[b].
+def ddim_sample_unclipped(eps_model: EpsModel, x_T: torch.Tensor, timesteps: Sequence[int], alpha_bar) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) without clipping, as latent diffusion runs it: from x_T at ᾱ[timesteps[-1]]
+    down to ᾱ[timesteps[0] − 1] (not to ᾱ = 1), with x̂_0 = (x_t − √(1−ᾱ_t) ε̂)/√ᾱ_t (LDM's arithmetic).
 
-    Drawing each image from its own generator makes its noise independent of the batch it is in and
-    the same on every device.
+    Legend: a_t = ᾱ_{τ_i}, a_prev = ᾱ_{τ_{i−1}} (ᾱ_{τ_0 − 1} for the last step), ε̂ = eps_model(x, τ_i).
     """
-    if len(generators) != shape[0]:
-        raise ValueError(f"need one generator per image: {len(generators)} generators for batch {shape[0]}")
-    draws = [torch.randn(tuple(shape[1:]), generator=g) for g in generators]
-    return torch.stack(draws).to(device=device, dtype=dtype)
+    x = x_T
+    for i in reversed(range(len(timesteps))):
+        t = timesteps[i]
+        a_t = float(alpha_bar[t])
+        a_prev = float(alpha_bar[timesteps[i - 1] if i > 0 else timesteps[0] - 1])
+        eps = eps_model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))   # 1. ε̂
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)                                   # 2. x̂_0, no clipping
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps                                # 3. DDIM eq. 12, σ = 0
+    return x

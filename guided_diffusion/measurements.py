@@ -7,10 +7,9 @@ to `forward`/`transpose` as keyword tensors, batched along dim 0.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -18,52 +17,25 @@ import torch
 
 from motionblur import motion_kernel
 from util.fft import KernelFFT, fft2c, ifft2c, kernel_fft, reflect_correlate, reflect_correlate_adjoint
+from util.noise import Generators, draw_per_image
+from util.registry import Registry
 from util.resizer import imresize_matrix
 
-__OPERATORS__: dict[str, type] = {}
-__NOISES__: dict[str, type] = {}
-
-
-def _registrar(registry: dict[str, type], kind: str) -> Callable[[str], Callable[[type], type]]:
-    def register(name: str) -> Callable[[type], type]:
-        def wrapper(cls: type) -> type:
-            if name in registry:
-                raise NameError(f"{kind} '{name}' is already registered")
-            cls.name = name
-            registry[name] = cls
-            return cls
-
-        return wrapper
-
-    return register
-
-
-register_operator = _registrar(__OPERATORS__, "operator")
-register_noise = _registrar(__NOISES__, "noise")
-
-
-def _build(registry: dict[str, type], kind: str, name: str, params: dict):
-    if name not in registry:
-        raise ValueError(f"unknown {kind} '{name}'; valid names: {', '.join(sorted(registry))}")
-    cls = registry[name]
-    sig = inspect.signature(cls.__init__)
-    valid = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
-    unknown = [k for k in params if k not in valid]
-    if unknown:
-        raise ValueError(
-            f"unknown parameter(s) {', '.join(unknown)} for {kind} '{name}'; valid parameters: {', '.join(valid)}"
-        )
-    return cls(**params)
+# Extensions outside this package are lazy entries: imported when their name is first used.
+__OPERATORS__ = Registry("operator", lazy={"nonlinear_blur": "bkse.operator:NonlinearBlurOperator"})
+__NOISES__ = Registry("noise")
+register_operator = __OPERATORS__.register
+register_noise = __NOISES__.register
 
 
 def get_operator(name: str, **params) -> "Operator":
     """Build the operator registered as `name` from the `measurement.operator` block of a task YAML."""
-    return _build(__OPERATORS__, "operator", name, params)
+    return __OPERATORS__.build(name, params)
 
 
 def get_noise(name: str, **params) -> "Noise":
     """Build the noise registered as `name` from the `measurement.noise` block of a task YAML."""
-    return _build(__NOISES__, "noise", name, params)
+    return __NOISES__.build(name, params)
 
 
 class Operator:
@@ -531,23 +503,6 @@ class PhaseRetrievalOperator(Operator):
 
 # ---- measurement noise ----
 
-Generators = torch.Generator | Sequence[torch.Generator]
-
-
-def _draw_per_image(y: torch.Tensor, generator, draw: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
-    """Apply `draw(y_cpu, generator)` to the whole batch, or to each image with its own generator."""
-    y_cpu = y.detach().to("cpu")
-    if isinstance(generator, torch.Generator):
-        out = draw(y_cpu, generator)
-    else:
-        generators = list(generator)
-        if len(generators) != y.shape[0]:
-            raise ValueError(f"noise: got {len(generators)} generators for a batch of {y.shape[0]}; "
-                             f"pass one torch.Generator per image (or a single one)")
-        out = torch.cat([draw(y_cpu[b:b + 1], g) for b, g in enumerate(generators)])
-    return out.to(device=y.device, dtype=y.dtype)
-
-
 @register_noise("gaussian")
 class GaussianNoise(Noise):
     """y + σ·n, n ~ N(0, I) drawn (float32) on the CPU from the image's generator."""
@@ -557,7 +512,7 @@ class GaussianNoise(Noise):
 
     def __call__(self, y: torch.Tensor, generator: Generators) -> torch.Tensor:
         """y (B, ...) -> y + σ·n. `generator`: one for the batch, or one per image."""
-        noise = _draw_per_image(y, generator, lambda v, g: torch.randn(v.shape, generator=g))
+        noise = draw_per_image(y, generator, lambda v, g: torch.randn(v.shape, generator=g))
         return y + self.sigma * noise
 
 
@@ -580,7 +535,4 @@ class PoissonNoise(Noise):
             counts = torch.poisson(y01 * scale, generator=g)
             return (counts / scale * 2.0 - 1.0).clamp(-1.0, 1.0)
 
-        return _draw_per_image(y, generator, draw)
-
-
-import bkse.operator  # noqa: E402,F401  registers nonlinear_blur
+        return draw_per_image(y, generator, draw)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from guided_diffusion.checkpoints import CheckpointError, describe_mismatch, read_state_dict
+from util.checkpoints import CheckpointError, describe_mismatch, read_state_dict
 
 CHUNK = 1 << 20  # bytes read at a time for SHA-256
 _CKPT_TOKEN = re.compile(r"[^\s(),;]+\.(?:pt|pth|ckpt|bin|safetensors)\b")

@@ -11,36 +11,26 @@ summed over images of per-image means, so each image sees exactly the official g
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 
+from . import fast_dc
 from .gaussian_diffusion import purification_schedule
 
-log = logging.getLogger("dcdp")
+if TYPE_CHECKING:  # the protocols the loop works against
+    from .measurements import Operator
+    from .priors import Prior
+
 
 OPTIMIZERS = ("SGD", "Adam")
 LOSSES = ("L2", "L1")
 
 
-class Purifier(Protocol):
-    def purify(self, x: torch.Tensor, T_k: int, generators: Sequence[torch.Generator], k: int = 0, K: int = 1) -> torch.Tensor: ...
-
-    def nfe(self, T_k: int) -> int: ...
-
-
 def _per_image_mean(err: torch.Tensor) -> torch.Tensor:
     """Σ_b mean(err_b): the official `MSELoss()` (mean) for each image, summed over the batch."""
     return err.flatten(1).mean(dim=1).sum()
-
-
-def _use_closed_form(operator, optimizer: str, loss: str) -> bool:
-    """SGD on the L2 loss with an operator whose gradient has a closed form (`Operator.mse_gradient`)."""
-    closed = getattr(operator, "closed_form_gradient", getattr(operator, "is_linear", False))
-    return bool(closed) and hasattr(operator, "mse_gradient") and optimizer == "SGD" and loss == "L2"
 
 
 def data_consistency(
@@ -75,10 +65,11 @@ def data_consistency(
     if loss not in LOSSES:
         raise ValueError(f"unknown loss '{loss}'; valid: {', '.join(LOSSES)}")
     state = operator_state or {}
-    if exact_transpose and _use_closed_form(operator, optimizer, loss):
+    if exact_transpose and fast_dc.use_closed_form(operator, optimizer, loss):
         if cuda_graph and x_init.is_cuda and history is None and steps > 0:
-            return _sgd_closed_form_graphed(y, x_init.detach(), operator, state, steps, lr, momentum, weight_decay_lambda)
-        return _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, weight_decay_lambda, history)
+            return fast_dc.sgd_closed_form_graphed(y, x_init.detach(), operator, state, steps, lr, momentum,
+                                                   weight_decay_lambda)
+        return fast_dc.sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, weight_decay_lambda, history)
 
     forward = operator.forward if hasattr(operator, "forward") else operator
     x_start = x_init.detach()
@@ -98,129 +89,6 @@ def data_consistency(
         if history is not None and i == 0:
             history.append(x.detach().clone())
     return x.detach()
-
-
-def _sgd_step(x, buf, x_init, y, operator, state, lr, momentum, prox) -> None:
-    """One in-place SGD-momentum step on x with the closed-form gradient g = (2/N)·Aᵀ(Ax − y) (or the
-    operator's own `mse_gradient`) + prox·(x − x_init).
-
-    torch semantics: buf₁ = g₁, buf_k = μ·buf_{k−1} + g_k, x ← x − lr·buf. `buf` starts at zeros, which
-    makes the first step μ·0 + g₁ = g₁ exactly, so every step is the same sequence of kernels (what a
-    CUDA graph needs)."""
-    g = operator.mse_gradient(x, y, **state)
-    if prox:
-        g.add_(x - x_init, alpha=prox)
-    buf.mul_(momentum).add_(g)
-    x.sub_(buf, alpha=lr)
-
-
-@torch.no_grad()
-def _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, lam, history) -> torch.Tensor:
-    """SGD with momentum using the closed-form gradient of the per-image mean squared error
-    (`operator.mse_gradient`; (2/N)·Aᵀ(Ax − y) for a linear operator, N = numel(y_b))."""
-    prox = 2.0 * lam / x_init[0].numel()
-    x = x_init.clone()
-    buf = torch.zeros_like(x)
-    for i in range(steps):
-        _sgd_step(x, buf, x_init, y, operator, state, lr, momentum, prox)
-        if history is not None and i == 0:
-            history.append(x.clone())
-    return x
-
-
-class CudaGraphSGD:
-    """`steps` closed-form-gradient SGD steps (as `_sgd_closed_form`) captured once in a CUDA graph and replayed.
-
-    The graph reads its inputs from static buffers, so one capture serves every call with the same
-    shapes and hyper-parameters (`run` copies the new y, x_init and state in). `warm_up` runs two steps
-    first (on a side stream on CUDA), which builds the operator's caches (resize matrices, kernel
-    spectra) and the cuFFT/cuBLAS handles, as CUDA graphs require; `capture` then records the steps.
-    Everything runs under the buffers' device (it need not be the current one: torchrun ranks).
-    """
-
-    def __init__(self, operator, y, x_init, state, steps, lr, momentum, lam):
-        self.operator, self.steps = operator, steps
-        self.hyper = (lr, momentum, 2.0 * lam / x_init[0].numel())
-        self.y, self.x_init, self.x = y.clone(), x_init.clone(), x_init.clone()
-        self.buf = torch.zeros_like(x_init)
-        self.state = {k: v.clone() for k, v in state.items()}
-        self.device = x_init.device
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-
-    def _step(self) -> None:
-        lr, momentum, prox = self.hyper
-        _sgd_step(self.x, self.buf, self.x_init, self.y, self.operator, self.state, lr, momentum, prox)
-
-    def _on_device(self):
-        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def warm_up(self) -> None:
-        """Two steps outside the graph; an error here is the operator's own and propagates."""
-        if self.device.type != "cuda":
-            for _ in range(2):
-                self._step()
-            return
-        with self._on_device():
-            side = torch.cuda.Stream(device=self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-
-    @torch.no_grad()
-    def capture(self) -> None:
-        with self._on_device():
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                for _ in range(self.steps):
-                    self._step()
-        self.graph = graph
-
-    def run(self, y: torch.Tensor, x_init: torch.Tensor, state: dict) -> torch.Tensor:
-        with self._on_device():
-            self.y.copy_(y)
-            self.x_init.copy_(x_init)
-            self.x.copy_(x_init)
-            self.buf.zero_()
-            for k, v in state.items():
-                self.state[k].copy_(v)
-            self.graph.replay()
-            return self.x.clone()
-
-
-def _sgd_closed_form_graphed(y, x_init, operator, state, steps, lr, momentum, lam) -> torch.Tensor:
-    """`_sgd_closed_form` through a CUDA graph cached on the operator (one per shapes and hyper-parameters).
-
-    If the capture itself fails (an operator that cannot be captured, a driver problem), one warning
-    names the error and these steps run eagerly from then on: the same numbers, without the graph.
-    Errors of the operator (in the warm-up steps) and running out of GPU memory propagate as usual.
-    """
-    key = (steps, lr, momentum, lam, tuple(y.shape), y.dtype, tuple(x_init.shape), x_init.dtype, x_init.device,
-           tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in sorted(state.items())))
-    cache = operator.__dict__.setdefault("_dc_cuda_graphs", {})
-    if key not in cache:
-        graphed = CudaGraphSGD(operator, y, x_init, state, steps, lr, momentum, lam)
-        graphed.warm_up()
-        try:
-            graphed.capture()
-            cache[key] = graphed
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any capture failure: keep going without the graph
-            message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning(f"warning: CUDA graph capture of the data-consistency steps failed ({message}); "
-                        f"running them without the graph")
-            cache[key] = message
-    if isinstance(cache[key], str):
-        return _sgd_closed_form(y, x_init, operator, state, steps, lr, momentum, lam, None)
-    return cache[key].run(y, x_init, state)
-
-
-def cuda_graph_failures(operator) -> list[str]:
-    """The capture errors recorded on `operator` (empty when every capture worked or none was tried)."""
-    return [v for v in operator.__dict__.get("_dc_cuda_graphs", {}).values() if isinstance(v, str)]
 
 
 @dataclass
@@ -259,8 +127,8 @@ class DCDPResult:
 
 def run_dcdp(
     y: torch.Tensor,
-    operator,
-    purifier: Purifier,
+    operator: "Operator",
+    purifier: "Prior",
     settings: DCDPSettings,
     generators: Sequence[torch.Generator],
     x_init: torch.Tensor,
@@ -284,6 +152,8 @@ def run_dcdp(
     and an image that becomes NaN/Inf there is recorded with `failed_at` = K.
     """
     timesteps = settings.timesteps()
+    # the prior's own noise level per round (a consistency model's σ_k); a bare purifier uses T_k itself
+    levels = purifier.levels(timesteps) if hasattr(purifier, "levels") else timesteps
     image = to_image or (lambda v: v)
     forward = (lambda v, **s: operator.forward(image(v), **s)) if to_image else operator
     exact = settings.exact_transpose and to_image is None
@@ -304,8 +174,8 @@ def run_dcdp(
         dc_steps += steps
         x_before = x
         if settings.purify:
-            x = purifier.purify(x, T_k, generators, k=k, K=settings.K)
-            nfe += purifier.nfe(T_k)
+            x = purifier.purify(x, levels[k], generators)
+            nfe += purifier.nfe(levels[k])
         if record_iterates:
             iterates.extend([image(v).detach().cpu() for v in (first[0] if first else x_before, x_before, x)])
         if check_finite:

@@ -3,7 +3,7 @@ from .autoencoder import VQConfig, VQModel
 from .loading import build_latent_model, ema_key, load_latent_model, parse_model_config
 from .model import LatentDiffusion, LatentModelConfig
 from .prior import LatentPrior
-from .schedule import latent_ddim_timesteps, ldm_betas, predict_start_from_noise, purify_latent, q_sample
+from .schedule import latent_ddim_timesteps, ldm_betas, purify_latent
 from .unet import UNetConfig, UNetModel
 
 __all__ = [
@@ -20,7 +20,5 @@ __all__ = [
     "ldm_betas",
     "load_latent_model",
     "parse_model_config",
-    "predict_start_from_noise",
     "purify_latent",
-    "q_sample",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from guided_diffusion.checkpoints import CheckpointError, describe_unreadable
+from util.checkpoints import CheckpointError, describe_unreadable
 
 
 class _Inert:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from guided_diffusion.checkpoints import CheckpointError, load_strict
+from util.checkpoints import CheckpointError, load_strict
 from guided_diffusion.unet import resolve_model_path
 
 from .autoencoder import VQConfig

@@ -14,18 +14,25 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from guided_diffusion.priors import PriorBase, PriorBuild
+from util.noise import randn_per_image
+from util.schema import choice_key
+
 from .loading import load_latent_model
 from .model import LatentDiffusion
-from .schedule import draw_noise, num_ddim_steps, purify_latent
+from .schedule import num_ddim_steps, purify_latent
 
 DATA_CONSISTENCY_TYPES = ("pixel", "latent")
 
 
-class LatentPrior:
+class LatentPrior(PriorBase):
     """Latent DCDP prior around a loaded LDM; independent of the driver.
 
     `model_config` is a ``kind: latent`` model configuration dict (see `loading.parse_model_config`).
     """
+
+    # purification-config keys read by this prior (DCDP-LDM's --data_consistency_type; null: pixel)
+    OPTIONS = {"data_consistency_type": choice_key(DATA_CONSISTENCY_TYPES, None, nullable=True)}
 
     def __init__(
         self,
@@ -48,6 +55,15 @@ class LatentPrior:
         self.space = data_consistency_type
         self.full_ddim = full_ddim
         self.ddim_num_iterations = ddim_num_iterations
+        self.model_path = model_config.get("model_path")
+
+    @classmethod
+    def from_config(cls, model_config: dict, build: PriorBuild) -> "LatentPrior":
+        return cls(model_config, build.device, data_consistency_type=build.options.get("data_consistency_type", "pixel"),
+                   full_ddim=build.full_ddim, ddim_num_iterations=build.ddim_num_iterations)
+
+    def describe(self) -> dict:
+        return {"kind": "latent", "model_path": self.model_path, "run_suffix": f"latent_{self.space}", "precision": None}
 
     def latent_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int, int]:
         """(B, 3, H, W) -> (B, embed_dim, H/f, W/f)."""
@@ -61,7 +77,7 @@ class LatentPrior:
         """Initial variable for images of `shape` (B, 3, H, W): zeros (pixel) or N(0, I) latents (latent)."""
         if self.space == "pixel":
             return torch.zeros(tuple(shape), device=self.device)
-        return draw_noise(self.latent_shape(shape), generators, self.device)
+        return randn_per_image(self.latent_shape(shape), generators, self.device)
 
     @property
     def to_image(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -70,18 +86,13 @@ class LatentPrior:
         return None if self.space == "pixel" else self.model.decode
 
     @torch.no_grad()
-    def purify(
-        self, v: torch.Tensor, T_k: int, generators: Sequence[torch.Generator], k: int = 0, K: int = 1
-    ) -> torch.Tensor:
-        """Purify the variable at noise level T_k (1 … 1000); returns a detached tensor shaped like v.
-
-        `k`, `K` (the outer iteration and their number) are part of the driver's prior interface; unused here.
-        """
+    def purify(self, v: torch.Tensor, T_k: int, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Purify the variable at noise level T_k (1 … 1000); returns a detached tensor shaped like v."""
         if self.space == "pixel":
             z = self.model.encode(v)
         else:
             z = self.model.encode(self.model.decode(v))  # re-encode: z ← E(D(z))
-        noise = draw_noise(z.shape, generators, z.device)
+        noise = randn_per_image(z.shape, generators, z.device)
         z = purify_latent(
             self.model.eps, z, int(T_k), noise, self.model.alphas_cumprod, self.full_ddim, self.ddim_num_iterations
         )

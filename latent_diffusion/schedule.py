@@ -2,7 +2,8 @@
 
 Notation: ᾱ_t = ∏_{s≤t} (1 − β_s), t = 0 … 999 (0-based, as the code indexes it);
 z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε.
-The schedule is computed in float64; coefficients are cast to float32 right before use.
+The schedule is computed in float64; coefficients are cast to float32 right before use. Noising, x̂_0 and
+the unclipped DDIM loop are the pixel samplers' (`guided_diffusion.gaussian_diffusion`), given this ᾱ table.
 
 Purification of a latent z at level T (1 ≤ T ≤ 1000), DCDP-LDM (arXiv 2403.06054, official code):
 1. noise:   z_T = q_sample(z, T−1) with the image's own generator;
@@ -11,12 +12,10 @@ Purification of a latent z at level T (1 ≤ T ≤ 1000), DCDP-LDM (arXiv 2403.0
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import numpy as np
 import torch
 
-EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t (B,C,h,w), t (B,) int64) -> ε̂
+from guided_diffusion.gaussian_diffusion import EpsModel, ddim_sample_unclipped, predict_x0, q_sample
 
 
 def ldm_betas(timesteps: int = 1000, linear_start: float = 0.0015, linear_end: float = 0.0195) -> torch.Tensor:
@@ -63,56 +62,6 @@ def num_ddim_steps(T: int, ddim_num_iterations: int = 20) -> int:
     return min(T, ddim_num_iterations)
 
 
-def draw_noise(shape: Sequence[int], generators: Sequence[torch.Generator], device: torch.device | str) -> torch.Tensor:
-    """ε ~ N(0, I) of `shape` (B, …): row i drawn on the CPU from generators[i], then moved to `device`."""
-    if len(generators) != shape[0]:
-        raise ValueError(f"draw_noise: {len(generators)} generators for a batch of {shape[0]}; pass one per image")
-    rows = [torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators]
-    return torch.cat(rows).to(device)
-
-
-def _coef(value: torch.Tensor) -> float:
-    # A float64 coefficient as a Python scalar: torch applies it in the tensor's dtype (float32).
-    return float(value)
-
-
-def q_sample(z0: torch.Tensor, t: int, alphas_cumprod: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """z_t = √ᾱ_t z_0 + √(1−ᾱ_t) ε (DDPM eq. 4), t a 0-based index into `alphas_cumprod` (float64)."""
-    a = alphas_cumprod[t]
-    return _coef(a.sqrt()) * z0 + _coef((1 - a).sqrt()) * noise
-
-
-def predict_start_from_noise(z_t: torch.Tensor, t: int, eps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """ẑ_0 = √(1/ᾱ_t) z_t − √(1/ᾱ_t − 1) ε̂ (Tweedie's estimate for an ε-model), no clipping."""
-    a = alphas_cumprod[t]
-    return _coef((1 / a).sqrt()) * z_t - _coef((1 / a - 1).sqrt()) * eps
-
-
-def _timestep(t: int, z: torch.Tensor) -> torch.Tensor:
-    return torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-
-
-def ddim_sample(
-    eps_model: EpsModel, z_T: torch.Tensor, timesteps: Sequence[int], alphas_cumprod: torch.Tensor
-) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from z_T at ᾱ[timesteps[-1]] down to ᾱ[timesteps[0] − 1].
-
-    Legend: a_t = ᾱ_{τ_i}, a_prev = ᾱ_{τ_{i−1}} (ᾱ_{τ_0 − 1} for the last step), ε̂ = eps_model(z, τ_i).
-    """
-    z = z_T
-    for i in reversed(range(len(timesteps))):
-        t = timesteps[i]
-        a_t = alphas_cumprod[t]
-        a_prev = alphas_cumprod[timesteps[i - 1] if i > 0 else timesteps[0] - 1]
-        # 1. predict the noise
-        eps = eps_model(z, _timestep(t, z))
-        # 2. ẑ_0 = (z_t − √(1−a_t) ε̂) / √a_t, no clipping in latent space
-        z0 = (z - _coef((1 - a_t).sqrt()) * eps) / _coef(a_t.sqrt())
-        # 3. z_prev = √a_prev ẑ_0 + √(1−a_prev) ε̂  (DDIM eq. 12 with σ = 0)
-        z = _coef(a_prev.sqrt()) * z0 + _coef((1 - a_prev).sqrt()) * eps
-    return z
-
-
 def purify_latent(
     eps_model: EpsModel,
     z: torch.Tensor,
@@ -125,9 +74,9 @@ def purify_latent(
     """Noise z (B, C, h, w) to level T with `noise`, then denoise by DDIM or one Tweedie step."""
     if not 1 <= T <= len(alphas_cumprod):
         raise ValueError(f"purify: T_k={T} is outside 1..{len(alphas_cumprod)}; check ddim_init_timestep/ddim_end_timestep")
-    z_T = q_sample(z, T - 1, alphas_cumprod, noise)
+    z_T = q_sample(z, T - 1, noise, alphas_cumprod)
     if full_ddim:
         steps = latent_ddim_timesteps(num_ddim_steps(T, ddim_num_iterations), T)
-        return ddim_sample(eps_model, z_T, steps, alphas_cumprod)
-    eps = eps_model(z_T, _timestep(T - 1, z_T))
-    return predict_start_from_noise(z_T, T - 1, eps, alphas_cumprod)
+        return ddim_sample_unclipped(eps_model, z_T, steps, alphas_cumprod)
+    eps = eps_model(z_T, torch.full((z_T.shape[0],), T - 1, dtype=torch.long, device=z_T.device))
+    return predict_x0(z_T, eps, T - 1, alphas_cumprod, clip=False)

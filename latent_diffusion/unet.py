@@ -11,12 +11,13 @@ Differences from guided-diffusion's ADM UNet that matter for these checkpoints: 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from guided_diffusion.unet import timestep_embedding
 
 from .attention import AttentionBlock, GroupNorm32, SpatialTransformer
 
@@ -43,17 +44,6 @@ class UNetConfig:
         """(heads, head_dim) of an attention slot at `channels`: num_head_channels wins over num_heads."""
         heads = self.num_heads if self.num_head_channels == -1 else channels // self.num_head_channels
         return heads, channels // heads
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding (B,) -> (B, dim): [cos | sin] at frequencies exp(-ln(max_period) i / half)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
 
 
 class ResBlock(nn.Module):

@@ -50,11 +50,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guided_diffusion import unet as unet_module  # noqa: E402
+from guided_diffusion import unet_blocks as unet_module  # noqa: E402  (its attention is swapped for the official one)
 from guided_diffusion.config import load_model_config, load_purification_config, load_task_config  # noqa: E402
 from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
-from guided_diffusion.solver import cuda_graph_failures, run_dcdp  # noqa: E402
+from guided_diffusion.fast_dc import cuda_graph_failures  # noqa: E402
+from guided_diffusion.solver import run_dcdp  # noqa: E402
 from util.cli import OneLineParser, pick_device, run_command  # noqa: E402
 from util.errors import ConfigError, DCDPError  # noqa: E402
 

@@ -82,7 +82,7 @@ MUTATIONS = [
     # --- components (pinned by the official goldens) ---
     Mutation(
         "momentum_sign", "closed-form SGD: momentum buffer decays with -mu instead of mu",
-        "guided_diffusion/solver.py",
+        "guided_diffusion/fast_dc.py",
         [("buf.mul_(momentum).add_(g)", "buf.mul_(-momentum).add_(g)")],
         ["tests/test_solver.py", "tests/test_dcdp_loop.py"]),
     Mutation(
@@ -105,7 +105,7 @@ MUTATIONS = [
     Mutation(
         "no_x0_clip", "x0-hat not clipped to [-1, 1]",
         "guided_diffusion/gaussian_diffusion.py",
-        [("    return x0.clamp(-1.0, 1.0)\n", "    return x0\n")],
+        [("    return x0.clamp(-1.0, 1.0) if clip else x0\n", "    return x0\n")],
         ["tests/test_diffusion.py"]),
     Mutation(
         "batch_mean_loss", "data-consistency loss is the batch mean instead of the sum of per-image means",

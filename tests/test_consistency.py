@@ -23,7 +23,7 @@ from consistency_models import (
     sigma_from_timestep,
 )
 from consistency_models.network import NETWORK_DEFAULTS
-from guided_diffusion.checkpoints import CheckpointError
+from util.checkpoints import CheckpointError
 from guided_diffusion.gaussian_diffusion import q_sample
 from guided_diffusion.unet import create_model
 
@@ -318,6 +318,8 @@ def test_sigma_is_clipped_and_direct_schedule_decays_geometrically() -> None:
     s = [direct.sigma(400, k=k, K=5) for k in range(5)]
     assert s[0] == pytest.approx(2.0) and s[-1] == pytest.approx(0.02)
     assert np.allclose(np.array(s[1:]) / np.array(s[:-1]), 0.1**0.5)
+    assert direct.levels([400] * 5) == s  # the loop asks the prior for its level of every round
+    assert purifier.levels([1000, 400]) == [80.0, purifier.sigma(400)]
     with pytest.raises(ValueError, match="k=k, K=K"):
         direct.sigma(400)
     with pytest.raises(ValueError, match="k=5"):
@@ -344,19 +346,19 @@ def test_bad_cm_options(options: dict, match: str) -> None:
 def test_purify_shape_range_and_determinism() -> None:
     purifier = tiny_purifier()
     x = images() * 1.5  # data-consistency iterates may leave [-1, 1]
-    out = purifier.purify(x, 400, generators(0, 1))
+    out = purifier.purify(x, sigma_from_timestep(400), generators(0, 1))
     assert out.shape == x.shape and out.dtype == torch.float32
     assert out.min() >= -1 and out.max() <= 1
-    assert torch.equal(out, purifier.purify(x, 400, generators(0, 1)))
-    assert (out - purifier.purify(x, 400, generators(0, 2)))[1].abs().max() > 1e-3
-    assert torch.equal(out[0], purifier.purify(x, 400, generators(0, 2))[0])
+    assert torch.equal(out, purifier.purify(x, sigma_from_timestep(400), generators(0, 1)))
+    assert (out - purifier.purify(x, sigma_from_timestep(400), generators(0, 2)))[1].abs().max() > 1e-3
+    assert torch.equal(out[0], purifier.purify(x, sigma_from_timestep(400), generators(0, 2))[0])
     # an image's result does not depend on the batch it is in
-    alone = purifier.purify(x[1:], 400, generators(1))
+    alone = purifier.purify(x[1:], sigma_from_timestep(400), generators(1))
     assert (alone[0] - out[1]).abs().max() < 1e-5
     with pytest.raises(ValueError, match="one generator per image"):
-        purifier.purify(x, 400, generators(0))
+        purifier.purify(x, sigma_from_timestep(400), generators(0))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        purifier.purify(x[0], 400, generators(0))
+        purifier.purify(x[0], sigma_from_timestep(400), generators(0))
 
 
 def test_purify_is_one_consistency_step() -> None:
@@ -366,7 +368,7 @@ def test_purify_is_one_consistency_step() -> None:
     noise = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))[None]
     with torch.no_grad():
         expected = purifier.denoiser(x + float(np.float32(sigma)) * noise, sigma).clamp(-1, 1)
-    assert torch.equal(purifier.purify(x, 222, gens), expected)
+    assert torch.equal(purifier.purify(x, sigma_from_timestep(222), gens), expected)
     assert purifier.nfe(222) == 1
 
 
@@ -381,13 +383,13 @@ def test_multistep_refinements() -> None:
     sigmas_seen: list[float] = []
     hook = purifier.denoiser.net.register_forward_hook(lambda m, args, out: sigmas_seen.append(float(args[1][0])))
     x = images()
-    out = purifier.purify(x, 400, generators(0, 1))
+    out = purifier.purify(x, sigma_from_timestep(400), generators(0, 1))
     hook.remove()
     assert purifier.nfe(400) == 3 and len(sigmas_seen) == 3
     assert sigmas_seen == pytest.approx([250 * math.log(s) for s in purifier.sigmas(400)], rel=1e-5)
     assert out.min() >= -1 and out.max() <= 1
-    assert torch.equal(out, purifier.purify(x, 400, generators(0, 1)))
-    one_step = tiny_purifier().purify(x, 400, generators(0, 1))
+    assert torch.equal(out, purifier.purify(x, sigma_from_timestep(400), generators(0, 1)))
+    one_step = tiny_purifier().purify(x, sigma_from_timestep(400), generators(0, 1))
     assert (out - one_step).abs().max() > 1e-3
 
 
@@ -403,8 +405,8 @@ def test_class_labels() -> None:
     assert len(set(labels.tolist())) > 1
     assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))  # the noise stream is untouched
     assert torch.equal(drawn.class_labels(generators(2)), labels[2:3])  # per image, batch-independent
-    out = drawn.purify(images(b=2), 300, generators(0, 1))
-    other = tiny_purifier({**TINY_COND, "class_label": 3}).purify(images(b=2), 300, generators(0, 1))
+    out = drawn.purify(images(b=2), sigma_from_timestep(300), generators(0, 1))
+    other = tiny_purifier({**TINY_COND, "class_label": 3}).purify(images(b=2), sigma_from_timestep(300), generators(0, 1))
     assert out.shape == (2, 3, 32, 32) and (out - other).abs().max() > 1e-4
 
 
@@ -457,7 +459,7 @@ def test_cm_purification_config(path: Path) -> None:
 def test_pinned_purification() -> None:
     """Regression pin: a seeded tiny class-conditional model, one refinement, labels drawn per image."""
     purifier = tiny_purifier(TINY_COND, seed=21, cm_multistep=1)
-    out = purifier.purify(images(b=2, seed=22), 311, generators(7, 8))
+    out = purifier.purify(images(b=2, seed=22), sigma_from_timestep(311), generators(7, 8))
     assert purifier.class_labels(generators(7, 8)).tolist() == [615, 723]
     assert out.mean(dim=(1, 2, 3)).tolist() == pytest.approx([-0.0136540, -0.0178760], abs=1e-5)
     assert out[:, 0, 5, 10:13].tolist() == [

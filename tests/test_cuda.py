@@ -11,7 +11,8 @@ import torch
 
 from guided_diffusion.measurements import get_operator
 from guided_diffusion.priors import PixelPrior
-from guided_diffusion.solver import DCDPSettings, _sgd_closed_form, cuda_graph_failures, data_consistency, run_dcdp
+from guided_diffusion.fast_dc import cached_graphs, cuda_graph_failures, sgd_closed_form
+from guided_diffusion.solver import DCDPSettings, data_consistency, run_dcdp
 from guided_diffusion.unet import create_model
 from tests.test_driver import TINY_UNET
 from util.metrics import psnr
@@ -44,13 +45,13 @@ def test_cuda_graph_data_consistency_equals_eager_and_cpu(name, params):
         y, state = _problem(op, seed)
         x0 = torch.randn(y.shape[0], 3, 64, 64, generator=torch.Generator().manual_seed(seed)).cuda()
         graphed = data_consistency(y, x0, op, operator_state=state, exact_transpose=True, cuda_graph=True, **kw)
-        eager = _sgd_closed_form(y, x0, op, state, kw["steps"], kw["lr"], kw["momentum"], kw["weight_decay_lambda"], None)
+        eager = sgd_closed_form(y, x0, op, state, kw["steps"], kw["lr"], kw["momentum"], kw["weight_decay_lambda"], None)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
         cpu_op = get_operator(name, device="cpu", **params)
-        cpu = _sgd_closed_form(y.cpu(), x0.cpu(), cpu_op, {k: v.cpu() for k, v in state.items()}, kw["steps"], kw["lr"],
+        cpu = sgd_closed_form(y.cpu(), x0.cpu(), cpu_op, {k: v.cpu() for k, v in state.items()}, kw["steps"], kw["lr"],
                           kw["momentum"], kw["weight_decay_lambda"], None)
         torch.testing.assert_close(graphed.cpu(), cpu, rtol=1e-3, atol=1e-3)
-    assert cuda_graph_failures(op) == [] and len(op.__dict__["_dc_cuda_graphs"]) == 1  # captured, not eager
+    assert cuda_graph_failures(op) == [] and cached_graphs(op) == 1  # captured, not eager
 
 
 def _random_unet() -> torch.nn.Module:
@@ -108,6 +109,6 @@ def test_fast_loop_on_cuda_matches_cpu_reference_within_0_05_db():
     fast = run_dcdp(y.cuda(), op, fast_prior, DCDPSettings(**settings, exact_transpose=True, cuda_graphs=True),
                     [torch.Generator().manual_seed(b) for b in range(4)], torch.zeros(4, 3, 32, 32, device="cuda"),
                     check_finite=False).x.cpu()
-    assert cuda_graph_failures(op) == [] and op.__dict__["_dc_cuda_graphs"]
+    assert cuda_graph_failures(op) == [] and cached_graphs(op) >= 1
     gap = abs(np.mean(psnr(gt, fast)) - np.mean(psnr(gt, ref)))
     assert gap < 0.05, gap

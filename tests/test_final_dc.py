@@ -19,7 +19,7 @@ from guided_diffusion.solver import DCDPSettings, data_consistency, run_dcdp
 class ShrinkPurifier:
     """A deterministic stand-in for a prior: x ↦ 0.9·x + 0.01·ε (ε from the images' generators), one NFE."""
 
-    def purify(self, x, T_k, generators, k=0, K=1):
+    def purify(self, x, T_k, generators):
         noise = torch.cat([torch.randn(x[:1].shape, generator=g) for g in generators])
         return 0.9 * x + 0.01 * noise
 

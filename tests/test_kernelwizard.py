@@ -11,9 +11,10 @@ import yaml
 
 import bkse.loader as loader
 from bkse.kernel_wizard import KernelWizard
+from util.errors import ConfigError
 from bkse.loader import load_kernel_wizard, load_options
 from bkse.operator import NonlinearBlurOperator
-from guided_diffusion.checkpoints import CheckpointError, load_strict
+from util.checkpoints import CheckpointError, load_strict
 from guided_diffusion.measurements import get_operator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +166,7 @@ def test_random_weights_are_seeded_and_leave_the_global_rng_alone(tmp_path):
 def test_options_resolve_against_the_repository_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_options("bkse/options/generate_blur/random_small.yml")["pretrained"] is None
-    with pytest.raises(FileNotFoundError, match="opt_yml_path"):
+    with pytest.raises(ConfigError, match="missing.yml' not found; set opt_yml_path"):
         load_options("bkse/options/generate_blur/missing.yml")
 
 

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from guided_diffusion.checkpoints import CheckpointError
+from util.checkpoints import CheckpointError
 from latent_diffusion import LatentPrior, build_latent_model, ema_key, load_latent_model, parse_model_config
 from latent_diffusion.attention import AttentionBlock, GEGLU, SpatialTransformer
 from latent_diffusion.autoencoder import AttnBlock, Downsample, VQConfig, VQModel
+from guided_diffusion.gaussian_diffusion import ddim_sample_unclipped as ddim_sample
 from latent_diffusion.schedule import (
-    ddim_sample,
     latent_ddim_timesteps,
     ldm_betas,
     purify_latent,
@@ -338,7 +338,7 @@ def test_latent_prior_rejects_bad_options(tiny):
     prior = LatentPrior(TINY, "cpu", data_consistency_type="latent", model=tiny)
     with pytest.raises(ValueError, match="multiple of 4"):
         prior.init((1, 3, 30, 32), generators(0))
-    with pytest.raises(ValueError, match="one per image"):
+    with pytest.raises(ValueError, match="need one generator per image"):
         prior.init((2, 3, 32, 32), generators(0))
 
 

@@ -121,7 +121,7 @@ def test_adam_and_l1_run():
 
 def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog, monkeypatch):
     """A capture that fails (simulated here, where there is no GPU) leaves the eager steps, with one warning."""
-    from guided_diffusion.solver import CudaGraphSGD, _sgd_closed_form, _sgd_closed_form_graphed, cuda_graph_failures
+    from guided_diffusion.fast_dc import CudaGraphSGD, cuda_graph_failures, sgd_closed_form, sgd_closed_form_graphed
 
     def refuse(self):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -131,20 +131,28 @@ def test_failed_cuda_graph_capture_warns_once_and_gives_the_eager_numbers(caplog
     g = torch.Generator().manual_seed(3)
     y = op.forward(torch.rand(2, 3, 32, 32, generator=g))
     x0 = torch.zeros_like(y)
-    eager = _sgd_closed_form(y, x0, op, {}, 10, 100.0, 0.9, 0.0, None)
+    eager = sgd_closed_form(y, x0, op, {}, 10, 100.0, 0.9, 0.0, None)
     for _ in range(2):
-        out = _sgd_closed_form_graphed(y, x0, op, {}, 10, 100.0, 0.9, 0.0)
+        out = sgd_closed_form_graphed(y, x0, op, {}, 10, 100.0, 0.9, 0.0)
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
     assert caplog.text.count("CUDA graph capture of the data-consistency steps failed") == 1
     assert cuda_graph_failures(op) == ["RuntimeError: operation not permitted when stream is capturing"]
+    import gc
+    import weakref
+
+    assert "_dc_cuda_graphs" not in vars(op)  # the fast path's cache is its own, not the operator's
+    ref = weakref.ref(op)
+    del op
+    gc.collect()
+    assert ref() is None  # and it does not keep a dropped operator alive
 
 
 def test_operator_errors_are_not_taken_for_capture_failures():
     """The warm-up steps run outside the capture: an operator's own error propagates unchanged."""
-    from guided_diffusion.solver import _sgd_closed_form_graphed, cuda_graph_failures
+    from guided_diffusion.fast_dc import cuda_graph_failures, sgd_closed_form_graphed
 
     op = get_operator("super_resolution", scale_factor=4)
     y = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="not divisible by scale_factor"):
-        _sgd_closed_form_graphed(y, torch.zeros(1, 3, 30, 30), op, {}, 5, 100.0, 0.9, 0.0)
+        sgd_closed_form_graphed(y, torch.zeros(1, 3, 30, 30), op, {}, 5, 100.0, 0.9, 0.0)
     assert cuda_graph_failures(op) == []

@@ -9,7 +9,7 @@ from PIL import Image
 import dcdp
 from tests.test_driver import args, setup  # noqa: F401  (setup is a fixture)
 from util.errors import ConfigError
-from util.sweep import Axis, grid, parse_axes, split_values, sweep_folder
+from runner.sweep import Axis, grid, parse_axes, split_values, sweep_folder
 
 
 def test_values_split_at_top_level_commas_and_one_value_axes_are_overrides():

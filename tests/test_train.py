@@ -390,7 +390,7 @@ def test_a_run_folder_holds_one_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, expected", [
-    (None, r"training config '.*nope\.yaml' not found; give a training YAML"),
+    (None, r"training config file '.*nope\.yaml' not found; give a training YAML"),
     ("model_config: [unclosed\n", r"is not valid YAML at line \d+, column \d+"),
     ("- a list\n", r"must be a mapping of key: value lines, got a list"),
     ("lr: 1.0e-3\n", r"model_config is missing; set it to a model YAML"),
@@ -417,7 +417,7 @@ def test_config_file_errors_are_one_line(tmp_path, capsys, content, expected):
     ({"lr": -1.0}, "lr must be > 0, got -1.0"),
     ({"checkpoint_minutes": 0}, "checkpoint_minutes must be > 0"),
     ({"crop_size": 15}, "crop_size 15 is not a multiple of 2"),
-    ({"model_config": "missing_model.yaml"}, r"model config '.*missing_model.yaml' not found; set model_config"),
+    ({"model_config": "missing_model.yaml"}, r"model config file '.*missing_model.yaml' not found; set model_config"),
     ({"data": "no_such_folder"}, r"training data: folder 'no_such_folder' does not exist; set data:"),
     ({"crop_size": 64}, r"images #0 \(40x48\), #1 \(40x48\), #2 \(40x48\) are smaller than crop_size=64"),
 ])
@@ -494,16 +494,16 @@ def test_the_module_command_exits_2_with_one_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"error: training config '{tmp_path / 'none.yaml'}' not found; give a training YAML such as "
+        f"error: training config file '{tmp_path / 'none.yaml'}' not found; give a training YAML such as "
         f"training_configurations/demo.yaml"]
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoint files that torch cannot read (guided_diffusion/checkpoints.py)
+# Checkpoint files that torch cannot read (util/checkpoints.py)
 # ------------------------------------------------------------------------------------------
 
 def test_a_truncated_or_corrupt_checkpoint_is_one_whole_line(tmp_path):
-    from guided_diffusion.checkpoints import CheckpointError
+    from util.checkpoints import CheckpointError
 
     model_cfg = {**TINY_MODEL, "model_path": None}
     torch.save(create_model(**model_cfg).state_dict(), tmp_path / "whole.pt")

@@ -1,4 +1,4 @@
-"""The sweep folder's table and plots (util/sweep.py runs the grid).
+"""The sweep folder's table and plots (runner/sweep.py runs the grid).
 
 sweep.csv / sweep.md: one row per grid point: the swept values as columns, status and reason, images
 restored (failed), PSNR / SSIM / LPIPS mean ± std over the point's images, seconds per image, network
