@@ -201,6 +201,24 @@ def test_bad_measurements_are_that_images_one_line_failure(setup, tmp_path):
     assert all("\n" not in r["reason"] for r in rows.values())
 
 
+def test_a_folder_mask_replaces_a_yaml_box_that_does_not_fit(setup, tmp_path):
+    set_task(setup, {"name": "inpainting", "mask_opt": {"box": [20, 20, 30, 30]}})
+    folder = tmp_path / "y"
+    folder.mkdir()
+    png(folder / "a.png", 24, 16)
+    png(folder / "b.png", 24, 16, seed=1)
+    mask = np.full((24, 16), 255, np.uint8)
+    mask[4:9, 3:12] = 0
+    Image.fromarray(mask).save(folder / "mask.png")
+    (folder / "sub").mkdir()
+    png(folder / "sub" / "c.png", 56, 56)  # no mask in its folder: the YAML box (too big for 24x16, fits 56x56)
+    assert dcdp.main(given(setup, folder, "--batch_size", "3", "--save_iterates")) == 0
+    out = given_dir(setup)
+    saved = torch.load(out / "states" / "00000.pt")["mask"]
+    assert saved.shape == (1, 3, 24, 16) and torch.equal(saved[0, 0], torch.from_numpy(mask >= 128).float())
+    assert torch.load(out / "states" / "00002.pt")["mask"][0, 0, 20:50, 20:50].sum() == 0
+
+
 def test_kernel_files_normalised_or_refused(setup, tmp_path):
     set_task(setup, {"name": "gaussian_blur", "kernel_size": 5, "intensity": 1.0})
     folder = tmp_path / "y"

@@ -178,22 +178,26 @@ def restore_batch(ctx, batch: list, lpips=None) -> list:
         if problem:
             fail(i, problem)
             continue
-        items.append((i, y, state, op, x_hw))
+        # advance the image's generator past the benchmark path's draws: the operator's state, then the noise
+        g = torch.Generator().manual_seed(args.seed + i)
+        try:
+            drawn = ctx.operator.draw_state(g, (3, *x_hw))
+        except ValueError as exc:  # e.g. the YAML's box does not fit; fine when a file gives the state
+            if not state:
+                fail(i, f"the task's operator cannot take this measurement: {exc}")
+                continue
+            drawn = {}
+        ctx.noiser(y, g)
+        items.append((i, y, {**drawn, **state}, op, x_hw, g))
     if not items:
         return records
     if len({(tuple(it[1].shape), id(it[3]), tuple(sorted(it[2]))) for it in items}) > 1:  # one by one
         return records + [r for it in items for r in restore_batch(ctx, [it[0]], lpips)]
     start = time.perf_counter()
-    kept = [it[0] for it in items]
+    kept, generators = [it[0] for it in items], [it[5] for it in items]
     op, x_hw = items[0][3], items[0][4]
     y = torch.cat([it[1] for it in items]).to(device)                              # (B, 3, h, w) as given
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in kept]
-    # advance each generator past the benchmark path's draws: the operator's state, then the noise
-    drawn = [ctx.operator.draw_state(g, (3, *x_hw)) for g in generators]
-    for b, g in enumerate(generators):
-        ctx.noiser(y[b:b + 1], g)
-    states = [{**d, **it[2]} for d, it in zip(drawn, items)]
-    state = {k: torch.cat([s[k] for s in states]).to(device) for k in states[0]} if states[0] else {}
+    state = {k: torch.cat([it[2][k].to(device) for it in items]) for k in items[0][2]}
     shape = (len(kept), 3, *x_hw)
     multiple = getattr(ctx.prior, "size_multiple", None)
     prior = PaddedPrior(ctx.prior, multiple) if multiple else ctx.prior
