@@ -80,6 +80,19 @@ def test_round_trip_gives_the_benchmark_result_bit_for_bit(setup, tmp_path, task
                            torch.load(out / "measurements" / f"{name}.pt"))
 
 
+@pytest.mark.parametrize("task", ["inpainting_random", "motion_blur"])
+def test_a_benchmark_run_folders_measurements_restore_as_they_are(setup, task):
+    operator, size = TASKS[task]
+    set_task(setup, operator, size)
+    assert dcdp.main(args(setup, "--no_curves")) == 0
+    bench = run_dir(setup)
+    assert dcdp.main(given(setup, bench / "measurements")) == 0
+    out = given_dir(setup)
+    for name in ("00000", "00001"):
+        assert (bench / "recon" / f"{name}.png").read_bytes() == (out / "recon" / f"{name}.png").read_bytes()
+    assert json.loads((out / "run_config.json").read_text())["dataset"]["images"] == 2
+
+
 def test_outputs_without_ground_truth(setup, tmp_path):
     assert dcdp.main(args(setup, "--no_curves")) == 0
     folder = as_measurement_folder(run_dir(setup), tmp_path / "y")

@@ -10,6 +10,9 @@ operator. The driver's loop is in `util/measurement_restore.py`.
 | `NAME.kernel.npy/.png/.pt`, `kernel.*`        | blur kernel of one image / of its folder: 2-D, odd sides, sum 1 (PNGs are divided by their sum); nonlinear blur: the latent kernel (.pt/.npy) |
 | `NAME.state.pt`, `operator_state.pt`          | the benchmark path's `states/NAME.pt` (mask, latent kernel) and `operator_state.pt` (blur kernel) |
 
+A benchmark run folder's `measurements/` can be given as it is: its `states/NAME.pt` and `operator_state.pt`
+beside it are read as `NAME.state.pt` and `operator_state.pt`.
+
 A per-image file wins over its folder's; without a kernel file the task YAML's kernel is used (Gaussian
 parameters, motion-blur seed), without a mask file the YAML's fixed mask (box or file; a random mask
 needs a mask file). Every problem with one measurement raises `MeasurementError`, that image's one-line
@@ -51,7 +54,7 @@ class MeasurementFolder:
 
     def identity(self) -> dict:
         """The run identity's `dataset` entry: mode, folder, and a hash of every file's name and size."""
-        listing = "\n".join(f"{p.relative_to(self.root)}\t{p.stat().st_size}" for p in sorted(self.files + self.aux))
+        listing = "\n".join(f"{os.path.relpath(p, self.root)}\t{p.stat().st_size}" for p in sorted(self.files + self.aux))
         return {"name": MODE, "mode": MODE, "root": str(self.root.resolve()), "images": len(self.files),
                 "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
@@ -78,6 +81,8 @@ def scan(root) -> MeasurementFolder:
             if f.startswith(".") or ext not in IMAGE_EXTS | TENSOR_EXTS:
                 continue
             (aux if _aux_kind(f) else files).append(Path(dirpath) / f)
+    if root.name == "measurements":  # a benchmark run folder's: its states/ and operator_state.pt count too
+        aux += [p for p in [*(root.parent / "states").glob("*.pt"), root.parent / FOLDER_STATE] if p.is_file()]
     if not files:
         raise ConfigError(f"--measurements '{root}': no measurement files (png, jpg, …, .pt, .npy) there; put one "
                           f"file per measurement y in it")
@@ -116,8 +121,10 @@ def _read_array(path: Path) -> torch.Tensor:
 def _state_file(path: Path, key: str) -> Optional[torch.Tensor]:
     """`key` of NAME.state.pt (the benchmark path's states/NAME.pt) or of the folder's operator_state.pt."""
     base = path.name[: -len(path.suffix)]
-    for name in (f"{base}.state.pt", FOLDER_STATE):
-        p = path.parent / name
+    candidates = [path.parent / f"{base}.state.pt", path.parent / FOLDER_STATE]
+    if path.parent.name == "measurements":  # a benchmark run folder's measurements/: its states/ beside it
+        candidates += [path.parent.parent / "states" / f"{base}.pt", path.parent.parent / FOLDER_STATE]
+    for p in candidates:
         if p.is_file():
             try:
                 state = torch.load(p, map_location="cpu", weights_only=True)
