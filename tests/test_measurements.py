@@ -205,12 +205,16 @@ def test_bad_measurements_are_that_images_one_line_failure(setup, tmp_path):
     png(folder / "grey.png", 32, 32, mode="L")
     Image.fromarray(np.full((32, 32), 255, np.uint8)).save(folder / "grey.mask.png")
     png(folder / "no_mask.png", 32, 32)
+    png(folder / "bool_mask.png", 32, 32)
+    np.save(folder / "bool_mask.mask.npy", np.ones((32, 32), bool))
+    torch.save({"y": torch.zeros(3, 32, 32)}, folder / "dict.pt")
     assert dcdp.main(given(setup, folder)) == dcdp.EXIT_FAILED_IMAGES
     rows = {Path(r["file"]).stem: r for r in csv.DictReader(open(given_dir(setup) / "metrics.csv"))}
     assert rows["good"]["status"] == "ok"
     assert "mask 'small_mask.mask.png' is 24x16, the measurement is 32x32" in rows["small_mask"]["reason"]
     assert "grey image" in rows["grey"]["reason"] and "convert it to RGB" in rows["grey"]["reason"]
     assert "no mask" in rows["no_mask"]["reason"]
+    assert rows["bool_mask"]["status"] == "ok" and "holds dict, not a real tensor" in rows["dict"]["reason"]
     assert all("\n" not in r["reason"] for r in rows.values())
 
 

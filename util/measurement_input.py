@@ -108,10 +108,10 @@ def _read_array(path: Path) -> torch.Tensor:
     except Exception as exc:  # torch.load and np.load raise many kinds for a bad file
         raise MeasurementError(f"cannot read '{path}' ({type(exc).__name__}); save a tensor with torch.save or "
                                f"np.save") from None
-    if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.dtype in (torch.uint8,
-                                                                                                  torch.int64)):
-        raise MeasurementError(f"'{path}' holds {type(value).__name__}, not a numeric tensor; save the measurement "
-                               f"itself (a (3, h, w) tensor)")
+    if not isinstance(value, torch.Tensor) or value.is_complex():
+        what = "complex numbers" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise MeasurementError(f"'{path}' holds {what}, not a real tensor; save the tensor itself (torch.save(y, "
+                               f"path), y of shape (3, h, w))")
     value = value.float()
     if not torch.isfinite(value).all():
         raise MeasurementError(f"'{path}' holds NaN or Inf values; give finite numbers")
