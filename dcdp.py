@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="images restored together (results do not depend on it); default 1, 8 with --fast")
     p.add_argument("--data_root", default=None, help="override the dataset root of the purification config")
     p.add_argument("--dataset", default=None, help="override the dataset name (ffhq, celeb, ImageNet, folder)")
+    p.add_argument("--measurements", default=None, metavar="DIR",
+                   help="restore the measurements y in DIR (no ground truth; see runner/measurement_input.py)")
     p.add_argument("--resume", action="store_true", help="skip images whose outputs are complete")
     p.add_argument("--random_weights", action="store_true",
                    help="run the network with random weights (no checkpoint; for testing); the run is marked so")
@@ -119,6 +121,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--max_images must be >= 1, got {args.max_images}")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.measurements and (args.data_root or args.dataset):
+        p.error("--measurements restores the measurement files of its folder; leave out --data_root and --dataset")
     args.ldm_flags = {f: getattr(args, f) for f in LDM_FLAGS if getattr(args, f) is not None}
     ldm_mode = bool(args.ldm_flags or args.ldm_config or args.diffusion_config or args.z_dim)
     args.ldm_driver = False
@@ -282,6 +286,7 @@ class RunContext:
     identity: dict
     root: Path
     random_weights: bool
+    measurements: object = None  # a runner.measurement_input.MeasurementFolder: y given, no ground truth
 
 
 def load_configs(args):
@@ -354,11 +359,20 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         raise ConfigError(f"purification config '{args.purification_config}': others.img_size {pur.image_size} is not "
                           f"a multiple of {multiple}, the network's downsampling factor; use e.g. "
                           f"{max(multiple, pur.image_size // multiple * multiple)}")
-    root_path = resolve_path(data_root)
-    try:
-        files = list_images(root_path, dataset_name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    measurements = None
+    if args.measurements:  # the files are measurements y, not clean images
+        from runner.measurement_input import MODE, scan
+
+        measurements = scan(resolve_path(args.measurements))
+        files, dataset_name, data_root, root_path = measurements.files, MODE, args.measurements, measurements.root
+        if pur.image_size is not None:
+            log.info("note: others.img_size is not used with --measurements (every measurement keeps its size)")
+    else:
+        root_path = resolve_path(data_root)
+        try:
+            files = list_images(root_path, dataset_name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     selected = list(range(len(files)))[: args.max_images]
 
     checkpoint = model_cfg.get("model_path")
@@ -373,8 +387,9 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
         "random_weights": random_weights or bool(getattr(operator, "random_weights", False)),
         "seed": args.seed, "no_purification": args.no_purification,
-        "dataset": {"name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
-                    "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
+        "dataset": measurements.identity() if measurements else {
+            "name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
+            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
         # the network precision changes the numbers of pixel priors (the others ignore --precision)
         "precision": prior_info["precision"],  # the network precision, where it changes the numbers (pixel priors)
         "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
@@ -389,7 +404,8 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
     return RunContext(args=args, device=device, task=task, purification=pur, model_config=model_cfg,
                       settings=settings, operator=operator, noiser=noiser, prior=prior, prior_info=prior_info,
                       dataset_name=dataset_name, data_root=str(data_root), files=files, selected=selected,
-                      identity=identity, root=root, random_weights=identity["random_weights"])
+                      identity=identity, root=root, random_weights=identity["random_weights"],
+                      measurements=measurements)
 
 
 def open_run_folder(ctx: RunContext, dist: "Distributed"):
@@ -478,7 +494,12 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
         log.info(f"resume: {len(indices) - len(todo)} image(s) already complete, {len(todo)} to do")
     log.info(f"{len(ctx.selected)} image(s) from '{ctx.data_root}' → {ctx.root}  (device {ctx.device}, prior "
              f"{ctx.prior_info['kind']})")
-    lpips = LPIPS(ctx.device, net=args.lpips)
+    lpips = LPIPS(ctx.device, net=args.lpips) if ctx.measurements is None else None  # no ground truth: no LPIPS
+    restore = restore_batch
+    if ctx.measurements is not None:
+        from runner import measurement_restore as given
+
+        restore = given.restore_batch
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
     batch_size = args.batch_size or 1
     psnr_running: list[float] = []
@@ -489,7 +510,7 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
             while pos < len(todo):
                 batch = todo[pos: pos + batch_size]
                 try:
-                    done = restore_batch(ctx, batch, lpips)
+                    done = restore(ctx, batch, lpips)
                 except torch.cuda.OutOfMemoryError:
                     if batch_size == 1:
                         raise
@@ -513,17 +534,22 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
         dist.barrier()
     code = EXIT_INTERRUPTED if interrupted else 0
     if dist.rank == 0 or interrupted:
+        no_gt = {} if ctx.measurements is None else {"columns": given.CSV_COLUMNS, "metric_keys": given.METRIC_KEYS}
         summary = out.write_summaries(ctx.root, run_meta(ctx, dist, lpips),
-                                      {i: str(ctx.files[i]) for i in ctx.selected})
-        from util.montage import write_run_montage
+                                      {i: str(ctx.files[i]) for i in ctx.selected}, **no_gt)
+        if ctx.measurements is None:
+            from util.montage import write_run_montage
 
-        write_run_montage(ctx.root)  # figures/montage.png: the first images, from the files written above
+            write_run_montage(ctx.root)  # figures/montage.png: the first images, from the files written above
         m = summary["metrics"]
         fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
         print(f"outputs: {ctx.root}")
-        print(f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
-              f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
-              + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
+        if no_gt:
+            print(given.summary_line(summary))
+        else:
+            print(f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
+                  f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
+                  + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
         if summary["failed"]:
             print(f"{summary['failed']} image(s) failed: see {ctx.root / 'metrics.csv'}")
             code = code or EXIT_FAILED_IMAGES
@@ -541,8 +567,10 @@ def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
         "overrides": list(args.overrides), "command": sys.argv[1:],
         "resolved": ctx.identity, "random_weights": ctx.random_weights,
         "checkpoint_sha256": ctx.identity["checkpoint_sha256"], "versions": versions(), "device": str(ctx.device),
-        "precision": args.precision, "world_size": dist.world, "lpips": lpips.status,
-        "metrics_provenance": metric_provenance(lpips),
+        "precision": args.precision, "world_size": dist.world, "lpips": lpips.status if lpips else "n/a",
+        **({"ground_truth": False, "measurements": str(ctx.measurements.root),
+            "metrics_provenance": {"residual": "||A(x) - y|| / ||y|| (Frobenius norms over each measurement)"}}
+           if ctx.measurements else {"metrics_provenance": metric_provenance(lpips)}),
     }
 
 

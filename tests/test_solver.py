@@ -62,7 +62,7 @@ def test_mse_gradient_is_the_autograd_gradient(name, params):
 class IdentityPurifier:
     """Deterministic stand-in for a prior: shrinks towards 0 with per-image noise."""
 
-    def purify(self, x, T_k, generators, k=0, K=1):
+    def purify(self, x, T_k, generators):
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
         return 0.9 * x + 0.01 * noise
 

@@ -112,6 +112,11 @@ def load_image(path: str | os.PathLike, dataset_name: str, image_size: int | Non
     return _to_tensor(img)
 
 
+def load_image_as_is(path: str | os.PathLike) -> torch.Tensor:
+    """Read one image at its own size and orientation (no EXIF rotation), (1, 3, H, W) in [-1, 1]: a measurement."""
+    return _to_tensor(_open_rgb(Path(path), exif_transpose=False))
+
+
 def _open_rgb(path: Path, exif_transpose: bool) -> Image.Image:
     try:
         with Image.open(path) as img:

@@ -76,7 +76,7 @@ def image_complete(root: Path, index: int, file=None) -> bool:
         return False
 
 
-def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor, recon: Optional[torch.Tensor],
+def save_image_outputs(root: Path, index: int, gt: Optional[torch.Tensor], y: torch.Tensor, recon: Optional[torch.Tensor],
                        state: dict, iterates: Optional[list], log_scale: bool = False,
                        dc: Optional[torch.Tensor] = None) -> None:
     """Write one image's pictures and tensors (not its metrics record). Tensors are (3, H, W).
@@ -87,7 +87,8 @@ def save_image_outputs(root: Path, index: int, gt: torch.Tensor, y: torch.Tensor
     on a log scale (log(1 + |y|)) with `log_scale`.
     """
     name = stem(index)
-    save_image(gt, root / "label" / f"{name}.png")
+    if gt is not None:  # None: a measurement given without ground truth
+        save_image(gt, root / "label" / f"{name}.png")
     if log_scale:
         save_normalized(torch.log1p(y.abs()), root / "input" / f"{name}.png")
     elif y.dim() == 3 and y.shape[0] == 3 and y.min() >= -1.5 and y.max() <= 1.5:
@@ -130,12 +131,17 @@ def _stats(values: list) -> dict:
     return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
 
 
-def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None) -> dict:
+METRIC_KEYS = ("psnr", "ssim", "lpips", "psnr_before", "ssim_before", "lpips_before", "seconds")
+
+
+def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None, columns: tuple = CSV_COLUMNS,
+                    metric_keys: tuple = METRIC_KEYS) -> dict:
     """Rebuild metrics.csv and summary.json from the per-image records; returns the summary.
 
     `selected` ({index: file}) are the images of this run: only their records count (a record of
     another file at that index, or of an index outside the run, is left out), and those without a
-    record are counted as `missing` (not done yet: an interrupted run).
+    record are counted as `missing` (not done yet: an interrupted run). `columns` and `metric_keys`: the
+    CSV's columns and the summarised numbers (a run without ground truth has residuals instead of PSNR).
     """
     records = read_records(root)
     missing = 0
@@ -143,10 +149,10 @@ def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None) -> 
         records = [r for r in records if selected.get(r.get("index")) == r.get("file")]
         missing = len(selected) - len(records)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in records:
-        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+        writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     atomic_write_text(root / "metrics.csv", buf.getvalue())
     ok = [r for r in records if r.get("status") == "ok"]
     summary = dict(meta)
@@ -158,8 +164,7 @@ def write_summaries(root: Path, meta: dict, selected: Optional[dict] = None) -> 
         "failed": len(records) - len(ok),
         "failures": [{"index": r["index"], "file": r.get("file"), "reason": r.get("reason")} for r in records
                      if r.get("status") != "ok"],
-        "metrics": {key: _stats([r.get(key) for r in ok]) for key in
-                    ("psnr", "ssim", "lpips", "psnr_before", "ssim_before", "lpips_before", "seconds")},
+        "metrics": {key: _stats([r.get(key) for r in ok]) for key in metric_keys},
     })
     lpips_info = summary.get("metrics_provenance", {}).get("lpips")
     if isinstance(lpips_info, dict):  # --resume may have joined records of another --lpips: say which
