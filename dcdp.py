@@ -6,32 +6,26 @@
 
 With no arguments it runs the offline demo (super-resolution ×4 with the embedded demo prior on data/demo).
 The driver only parses arguments, builds objects from the YAML files and loops over images; the
-algorithm is in guided_diffusion/solver.py.
+algorithm is in guided_diffusion/solver.py, the run around it (context, run folder, image loop) in runner/.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
-import platform
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from guided_diffusion.config import (
-    Override, PurificationConfig, TaskConfig, ldm_driver_purification, load_model_config,
-    load_purification_config, load_task_config, parse_overrides,
-)
-from util.cli import EXIT_BAD_INPUT, OneLineParser
+from runner.context import DEFAULT_LDM_CONFIG, LDM_CONFIGS, LDM_FLAGS, build_context, check_run_folder, open_run_folder
+from runner.context import load_configs  # noqa: F401  (callers inspect the loaded files through dcdp)
+from runner.distributed import Distributed
+from runner.restore import restore_all
+from util.cli import EXIT_BAD_INPUT, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED, OneLineParser  # noqa: F401
 from util.cli import pick_device as parse_device
-from util.errors import ConfigError, DCDPError, RunFolderError
-from util.files import REPO_ROOT, resolve_path
+from util.errors import DCDPError
+from util.files import REPO_ROOT
 
 log = logging.getLogger("dcdp")
 
@@ -42,19 +36,8 @@ DEMO = {
     "save_dir": "./results/demo",
 }
 
-EXIT_FAILED_IMAGES = 3
-EXIT_INTERRUPTED = 130
 
 
-# The official DCDP-LDM driver's flags (upstream-dcdp.md §3.1, §8): purification settings given on the
-# command line. Values are read as the official argparse did (strings; full_ddim "True"/"False").
-LDM_FLAGS = ("full_ddim", "total_num_iterations", "csgm_num_iterations", "ddim_init_timestep", "ddim_end_timestep",
-             "purification_schedule", "ddim_eta", "ddim_num_iterations", "save_every_main", "save_every_sub",
-             "optimizer", "lr", "momentum", "data_consistency_type")
-# --ldm_config names an official latent-diffusion config; these are ours for the same networks.
-LDM_CONFIGS = {"ffhq-ldm-vq-4.yaml": "model_configurations/model_config_ldm_ffhq.yaml",
-               "cin256-v2.yaml": "model_configurations/model_config_ldm_imagenet.yaml"}
-DEFAULT_LDM_CONFIG = "ffhq-ldm-vq-4.yaml"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,20 +132,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def ldm_flag_values(args) -> dict:
-    """The DCDP-LDM flags as config values: --full_ddim and the others are strings in the official driver."""
-    values = dict(args.ldm_flags)
-    if "full_ddim" in values:
-        text = values["full_ddim"]
-        if text not in ("True", "False", "true", "false"):
-            raise ConfigError(f"--full_ddim {text!r}: use True or False (as the official DCDP-LDM driver)")
-        values["full_ddim"] = text in ("True", "true")
-    if args.z_dim is not None:
-        digits = [int(t) for t in "".join(c if c.isdigit() else " " for c in args.z_dim).split()]
-        if digits != [1, 3, 64, 64]:
-            raise ConfigError(f"--z_dim {args.z_dim!r}: the official latent-diffusion priors have latents (1,3,64,64); "
-                              f"leave --z_dim out")
-    return values
 
 
 def pick_device(args) -> torch.device:
@@ -182,64 +151,8 @@ def apply_fast(args, device: torch.device) -> None:
             args.precision = "bf16"
 
 
-def versions() -> dict:
-    import numpy
-    import skimage
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "scikit-image": skimage.__version__}
 
 
-class Distributed:
-    """torchrun support: rank r restores images i with i % world == r; rank 0 merges the summaries."""
-
-    def __init__(self, device: torch.device):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.active = self.world > 1
-        # the ranks of one torchrun share their run's folder lock
-        self.run_id = (os.environ.get("TORCHELASTIC_RUN_ID")
-                       or f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}") if self.active else None
-        if self.active:
-            import torch.distributed as dist
-
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def shard(self, indices: list[int]) -> list[int]:
-        return [i for i in indices if i % self.world == self.rank]
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def agree(self, step):
-        """Run `step()` on every rank; if it raises a user error on any rank, every rank raises it."""
-        error, value = None, None
-        try:
-            value = step()
-        except DCDPError as exc:
-            error = exc
-        if self.active:
-            import torch.distributed as dist
-
-            errors = [None] * self.world
-            dist.all_gather_object(errors, None if error is None else str(error))
-            first = next((e for e in errors if e is not None), None)
-            if first is not None and error is None:
-                if value is not None and hasattr(value, "release"):
-                    value.release()
-                raise RunFolderError(first)
-        if error is not None:
-            raise error
-        return value
-
-    def close(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -265,195 +178,14 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """Everything a run needs, built and checked once before any image is restored or any file written."""
-
-    args: argparse.Namespace
-    device: torch.device
-    task: TaskConfig
-    purification: PurificationConfig
-    model_config: dict
-    settings: object          # DCDPSettings
-    operator: object
-    noiser: object
-    prior: object
-    prior_info: dict
-    dataset_name: str
-    data_root: str
-    files: list               # every image of the dataset, sorted; image i is files[i]
-    selected: list            # the indices this run restores (all ranks), after --max_images
-    identity: dict
-    root: Path
-    random_weights: bool
-    measurements: object = None  # a runner.measurement_input.MeasurementFolder: y given, no ground truth
 
 
-def load_configs(args):
-    """The three files, with the DCDP-LDM flags and the key=value overrides applied, all checked."""
-    overrides = parse_overrides(args.overrides)
-    task = load_task_config(args.task_config, overrides)
-    flags = ldm_flag_values(args)
-    if args.purification_config:  # the LDM flags override the file, after the key=value overrides
-        flag_overrides = [Override(f"--{k}", "purification", ("purification", k), v) for k, v in flags.items()]
-        pur = load_purification_config(args.purification_config, overrides + flag_overrides, dataset_fallback=task.data)
-    else:
-        pur = ldm_driver_purification(flags, overrides, dataset_fallback=task.data)
-        log.info("note: no --purification_config: the official DCDP-LDM driver's defaults and flags are used")
-    model_overrides = list(overrides)
-    if args.diffusion_config:
-        model_overrides.append(Override("--diffusion_config", "model", ("model_path",), args.diffusion_config))
-    model_cfg = load_model_config(args.model_config, model_overrides, random_weights=args.random_weights)
-    return task, pur, model_cfg
 
 
-def build_context(args, device: torch.device, dist: "Distributed") -> RunContext:
-    from guided_diffusion.measurements import get_noise, get_operator
-    from guided_diffusion.priors import build_prior
-    from util import run_outputs as out
-    from util.image_io import list_images
-
-    task, pur, model_cfg = load_configs(args)
-    for key in task.ignored:
-        log.info(f"note: task config block '{key}' is not used by DCDP (as in the official code)")
-    for note in task.notes:
-        log.info(note)
-    settings = pur.settings(purify=False if args.no_purification else None)
-    if args.exact_transpose:
-        settings.exact_transpose = True
-    settings.cuda_graphs = args.cuda_graphs and device.type == "cuda"
-    if args.cuda_graphs and device.type != "cuda":
-        log.warning("note: --cuda_graphs has no effect without a CUDA device")
-    dataset_name = args.dataset or pur.dataset_name
-    data_root = args.data_root or pur.dataset_root
-    from util.image_io import DATASETS
-
-    if dataset_name not in DATASETS:
-        raise ConfigError(f"--dataset {dataset_name!r} is not allowed; use one of {', '.join(DATASETS)}")
-
-    op_params = {k: v for k, v in task.operator.items() if k != "name"}
-    try:
-        operator = get_operator(task.operator_name, device=device, **op_params)
-        noiser = get_noise(task.noise["name"], **{k: v for k, v in task.noise.items() if k != "name"})
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"task config '{args.task_config}': {exc}") from None
-    if args.channels_last and hasattr(operator, "channels_last"):
-        operator.channels_last()  # a network inside the operator (nonlinear blur)
-    random_weights = model_cfg.get("model_path") is None
-    if random_weights:
-        log.warning(f"warning: '{args.model_config}' runs with RANDOM weights (model_path: null or --random_weights); "
-                    f"the run folder and summary say so")
-    else:
-        model_cfg["model_path"] = str(resolve_path(model_cfg["model_path"]).resolve())
-    if getattr(operator, "random_weights", False):
-        log.warning(f"warning: operator '{task.operator_name}' uses RANDOM network weights")
-    try:
-        prior, prior_info = build_prior(
-            model_cfg, full_ddim=pur.full_ddim, ddim_num_iterations=pur.ddim_num_iterations, device=device,
-            precision=args.precision, compile_model="reduce-overhead" if settings.cuda_graphs else args.compile,
-            channels_last=args.channels_last, purification=pur.prior_options())
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model config '{args.model_config}': {exc}") from None
-    multiple = getattr(prior, "size_multiple", None)
-    if pur.image_size is not None and multiple and pur.image_size % multiple:
-        raise ConfigError(f"purification config '{args.purification_config}': others.img_size {pur.image_size} is not "
-                          f"a multiple of {multiple}, the network's downsampling factor; use e.g. "
-                          f"{max(multiple, pur.image_size // multiple * multiple)}")
-    measurements = None
-    if args.measurements:  # the files are measurements y, not clean images
-        from runner.measurement_input import MODE, scan
-
-        measurements = scan(resolve_path(args.measurements))
-        files, dataset_name, data_root, root_path = measurements.files, MODE, args.measurements, measurements.root
-        if pur.image_size is not None:
-            log.info("note: others.img_size is not used with --measurements (every measurement keeps its size)")
-    else:
-        root_path = resolve_path(data_root)
-        try:
-            files = list_images(root_path, dataset_name)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    selected = list(range(len(files)))[: args.max_images]
-
-    checkpoint = model_cfg.get("model_path")
-    from guided_diffusion.model_check import sha256_file
-
-    listing = "\n".join(str(Path(f).relative_to(root_path)) if Path(f).is_relative_to(root_path) else str(f)
-                        for f in files)
-    identity = {
-        "task": {"operator": task.operator, "noise": task.noise},
-        "purification": pur.resolved(),
-        "model": model_cfg,
-        "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
-        "random_weights": random_weights or bool(getattr(operator, "random_weights", False)),
-        "seed": args.seed, "no_purification": args.no_purification,
-        "dataset": measurements.identity() if measurements else {
-            "name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
-            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
-        # the network precision changes the numbers of pixel priors (the others ignore --precision)
-        "precision": prior_info["precision"],  # the network precision, where it changes the numbers (pixel priors)
-        "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
-                  "compile": bool(args.compile or settings.cuda_graphs), "cuda_graphs": settings.cuda_graphs},
-    }
-    identity = json.loads(json.dumps(identity, default=str))
-    identity["purification"]["dataset"]["root"] = identity["dataset"]["root"]
-    suffix = "_".join(x for x in (prior_info.get("run_suffix", ""), "random_weights" if identity["random_weights"] else "")
-                      if x)
-    root = out.run_dir_name(args.save_dir, task.operator_name, dataset_name, task.sigma, settings, pur.full_ddim,
-                            pur.ddim_num_iterations, suffix=suffix, identity=identity)
-    return RunContext(args=args, device=device, task=task, purification=pur, model_config=model_cfg,
-                      settings=settings, operator=operator, noiser=noiser, prior=prior, prior_info=prior_info,
-                      dataset_name=dataset_name, data_root=str(data_root), files=files, selected=selected,
-                      identity=identity, root=root, random_weights=identity["random_weights"],
-                      measurements=measurements)
 
 
-def open_run_folder(ctx: RunContext, dist: "Distributed"):
-    """Create the run folder, take its lock and record its identity; refuse a folder of another run.
-
-    Returns the held lock. torchrun: rank 0 takes the lock, the other ranks join it.
-    """
-    from util.run_lock import RunLock
-
-    save_dir = Path(ctx.args.save_dir)
-    for parent in (save_dir, *save_dir.parents):
-        if parent.exists() and not parent.is_dir():
-            raise RunFolderError(f"--save_dir '{save_dir}': '{parent}' is a file, not a folder; give another --save_dir")
-    if dist.rank == 0:
-        try:
-            ctx.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RunFolderError(f"--save_dir '{save_dir}': cannot create '{ctx.root}' ({exc.strerror}); give a "
-                                 f"writable --save_dir") from None
-        if not os.access(ctx.root, os.W_OK):
-            raise RunFolderError(f"--save_dir '{save_dir}': '{ctx.root}' is not writable; give a writable --save_dir")
-        return RunLock(ctx.root, shared_id=dist.run_id).acquire()
-    return None
 
 
-def check_run_folder(ctx: RunContext, dist: "Distributed") -> None:
-    """Refuse a folder whose `run_config.json` records other settings; else record ours (rank 0)."""
-    from util import run_outputs as out
-
-    config_file = ctx.root / "run_config.json"
-    if config_file.is_file():
-        try:
-            previous = json.loads(config_file.read_text())
-        except (OSError, json.JSONDecodeError):
-            previous = None
-        if previous != ctx.identity:
-            changed = sorted(k for k in ctx.identity
-                             if not isinstance(previous, dict) or previous.get(k) != ctx.identity.get(k))
-            raise RunFolderError(
-                f"run folder '{ctx.root}' holds a run with other settings ({', '.join(changed)}) in "
-                f"'{config_file}'; move that folder away or use another --save_dir")
-    if dist.rank == 0:
-        out.make_dirs(ctx.root, ctx.args.save_iterates)
-        if not config_file.is_file():
-            out.atomic_write_text(config_file, json.dumps(ctx.identity, indent=1))
-        saved_run_state = ctx.operator.saved_state()
-        if saved_run_state:
-            out.atomic_save_torch({k: v.cpu() for k, v in saved_run_state.items()}, ctx.root / "operator_state.pt")
 
 
 def run(args) -> int:
@@ -480,204 +212,12 @@ def run(args) -> int:
         dist.close()
 
 
-def restore_all(ctx: RunContext, dist: "Distributed") -> int:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from util import run_outputs as out
-    from util.metrics import LPIPS
-
-    args = ctx.args
-    indices = dist.shard(ctx.selected)
-    todo = [i for i in indices if not (args.resume and out.image_complete(ctx.root, i, ctx.files[i]))]
-    if len(todo) < len(indices):
-        log.info(f"resume: {len(indices) - len(todo)} image(s) already complete, {len(todo)} to do")
-    log.info(f"{len(ctx.selected)} image(s) from '{ctx.data_root}' → {ctx.root}  (device {ctx.device}, prior "
-             f"{ctx.prior_info['kind']})")
-    lpips = LPIPS(ctx.device, net=args.lpips) if ctx.measurements is None else None  # no ground truth: no LPIPS
-    restore = restore_batch
-    if ctx.measurements is not None:
-        from runner import measurement_restore as given
-
-        restore = given.restore_batch
-    bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
-    batch_size = args.batch_size or 1
-    psnr_running: list[float] = []
-    pos = 0
-    interrupted = False
-    with logging_redirect_tqdm(loggers=[log]):
-        try:
-            while pos < len(todo):
-                batch = todo[pos: pos + batch_size]
-                try:
-                    done = restore(ctx, batch, lpips)
-                except torch.cuda.OutOfMemoryError:
-                    if batch_size == 1:
-                        raise
-                    torch.cuda.empty_cache()
-                    batch_size = max(1, batch_size // 2)
-                    log.warning(f"out of GPU memory: retrying with --batch_size {batch_size}")
-                    continue
-                psnr_running += [r["psnr"] for r in done if r.get("psnr") is not None]
-                pos += len(batch)
-                bar.update(len(batch))
-                if psnr_running:
-                    bar.set_postfix(psnr=f"{sum(psnr_running) / len(psnr_running):.2f}")
-        except KeyboardInterrupt:
-            interrupted = True
-    bar.close()
-    if interrupted:
-        finished = len(indices) - len(todo) + pos
-        log.error(f"interrupted after {finished} of {len(indices)} images; rerun the same command with --resume to "
-                  f"finish the others")
-    else:
-        dist.barrier()
-    code = EXIT_INTERRUPTED if interrupted else 0
-    if dist.rank == 0 or interrupted:
-        no_gt = {} if ctx.measurements is None else {"columns": given.CSV_COLUMNS, "metric_keys": given.METRIC_KEYS}
-        summary = out.write_summaries(ctx.root, run_meta(ctx, dist, lpips),
-                                      {i: str(ctx.files[i]) for i in ctx.selected}, **no_gt)
-        if ctx.measurements is None:
-            from util.montage import write_run_montage
-
-            write_run_montage(ctx.root)  # figures/montage.png: the first images, from the files written above
-        m = summary["metrics"]
-        fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
-        print(f"outputs: {ctx.root}")
-        if no_gt:
-            print(given.summary_line(summary))
-        else:
-            print(f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
-                  f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
-                  + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
-        if summary["failed"]:
-            print(f"{summary['failed']} image(s) failed: see {ctx.root / 'metrics.csv'}")
-            code = code or EXIT_FAILED_IMAGES
-    return code
 
 
-def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
-    from util.metrics import provenance as metric_provenance
-
-    args = ctx.args
-    return {
-        "run_dir": str(ctx.root),
-        "configs": {"task": str(args.task_config), "purification": str(args.purification_config or "(DCDP-LDM flags)"),
-                    "model": str(args.model_config)},
-        "overrides": list(args.overrides), "command": sys.argv[1:],
-        "resolved": ctx.identity, "random_weights": ctx.random_weights,
-        "checkpoint_sha256": ctx.identity["checkpoint_sha256"], "versions": versions(), "device": str(ctx.device),
-        "precision": args.precision, "world_size": dist.world, "lpips": lpips.status if lpips else "n/a",
-        **({"ground_truth": False, "measurements": str(ctx.measurements.root),
-            "metrics_provenance": {"residual": "||A(x) - y|| / ||y|| (Frobenius norms over each measurement)"}}
-           if ctx.measurements else {"metrics_provenance": metric_provenance(lpips)}),
-    }
 
 
-def image_problem(ctx: RunContext, image: torch.Tensor) -> Optional[str]:
-    """Why an image cannot be restored as it is (its size), or None."""
-    h, w = image.shape[-2:]
-    multiple = getattr(ctx.prior, "size_multiple", None)
-    if multiple and (h % multiple or w % multiple):
-        return (f"image is {w}x{h}, not a multiple of {multiple} (the network's downsampling factor); set "
-                f"others.img_size in the purification config (e.g. others.img_size={max(multiple, min(h, w) // multiple * multiple)})")
-    if min(h, w) < 7:
-        return f"image is {w}x{h}, smaller than SSIM's 7x7 window; use images of at least 7x7 pixels"
-    return None
 
 
-def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
-    """Restore the images `batch` (dataset indices) together; write their outputs and records."""
-    from guided_diffusion.solver import run_dcdp
-    from util import run_outputs as out
-    from util.image_io import ImageError, load_image
-    from util.metrics import psnr, ssim
-
-    args, operator, prior, root, device = ctx.args, ctx.operator, ctx.prior, ctx.root, ctx.device
-    records, images, kept = [], [], []
-
-    def fail(i: int, reason: str) -> None:
-        log.warning(f"image {i} ({ctx.files[i]}): {reason}; continuing")
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "failed", "reason": reason}
-        out.write_record(root, rec)
-        records.append(rec)
-
-    for i in batch:
-        try:
-            image = load_image(ctx.files[i], ctx.dataset_name, ctx.purification.image_size)
-        except ImageError as exc:
-            fail(i, f"unreadable image: {exc}")
-            continue
-        problem = image_problem(ctx, image)
-        if problem:
-            fail(i, problem)
-            continue
-        images.append(image)
-        kept.append(i)
-    if not kept:
-        return records
-    if len({tuple(im.shape) for im in images}) > 1:  # images of different sizes cannot share a batch: one by one
-        return records + [r for i in kept for r in restore_batch(ctx, [i], lpips)]
-    start = time.perf_counter()
-    gt = torch.cat(images).to(device)                                           # (B, 3, H, W) in [-1, 1]
-    generators = [torch.Generator().manual_seed(args.seed + i) for i in kept]
-    try:
-        states = [operator.draw_state(g, tuple(gt.shape[1:])) for g in generators]
-        state = {k: torch.cat([s[k] for s in states]).to(device) for k in states[0]} if states[0] else {}
-        with torch.no_grad():
-            y_clean = operator.forward(gt, **state)
-    except ValueError as exc:  # the operator cannot take an image of this size
-        if len(kept) > 1:
-            return records + [r for i in kept for r in restore_batch(ctx, [i], lpips)]
-        fail(kept[0], f"the task's operator cannot take this image: {exc}")
-        return records
-    y = torch.cat([ctx.noiser(y_clean[b:b + 1], g) for b, g in enumerate(generators)])
-    x_init = prior.init(tuple(gt.shape), generators)
-    curves = {i: {"psnr": [], "ssim": []} for i in kept}
-
-    def on_round(k, T_k, x_before, x_after):
-        if args.no_curves:
-            return
-        to_image = prior.to_image or (lambda v: v)
-        for which in (x_before, x_after):
-            img = to_image(which).detach()
-            for b, i in enumerate(kept):
-                curves[i]["psnr"].append(psnr(gt[b], img[b])[0])
-                curves[i]["ssim"].append(ssim(gt[b], img[b])[0])
-
-    result = run_dcdp(y, operator, prior, ctx.settings, generators, x_init, operator_state=state,
-                      to_image=prior.to_image, record_iterates=args.save_iterates, callback=on_round)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (time.perf_counter() - start) / len(kept)
-    after_p, after_s = psnr(gt, result.x), ssim(gt, result.x)
-    before_p, before_s = psnr(gt, result.x_before), ssim(gt, result.x_before)
-    after_l, before_l = lpips(gt, result.x), lpips(gt, result.x_before)
-    for b, i in enumerate(kept):
-        failed = result.failed_at[b]
-        img_state = {k: v[b:b + 1] for k, v in state.items()}
-        iterates = [t[b:b + 1] for t in result.iterates] if result.iterates is not None else None
-        out.save_image_outputs(root, i, gt[b], y[b], None if failed is not None else result.x[b], img_state, iterates,
-                               log_scale=ctx.task.operator_name == "phase_retrieval",
-                               dc=None if failed is not None else result.x_before[b])
-        if not args.no_curves and failed is None:
-            from util.plotting import save_metric_curves
-
-            save_metric_curves(curves[i]["psnr"], curves[i]["ssim"], None, root / "figures" / f"{out.stem(i)}_metrics.png",
-                               title=Path(ctx.files[i]).name)
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "ok", "reason": "", "seconds": round(seconds, 3),
-               "nfe": result.nfe, "dc_steps": result.dc_steps}
-        if failed is not None:
-            rec.update(status="failed", reason=f"non-finite iterate (NaN/Inf) at outer iteration {failed}")
-            log.warning(f"image {i} ({ctx.files[i]}): diverged at outer iteration {failed}; continuing")
-        else:
-            rec.update(psnr=after_p[b], ssim=after_s[b], psnr_before=before_p[b], ssim_before=before_s[b],
-                       lpips=None if after_l is None else after_l[b],
-                       lpips_net=None if after_l is None else lpips.net,
-                       lpips_before=None if before_l is None else before_l[b])
-        out.write_record(root, rec)
-        records.append(rec)
-    return records
 
 
 if __name__ == "__main__":

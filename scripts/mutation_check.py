@@ -61,7 +61,7 @@ MUTATIONS = [
         ["tests/test_dcdp_loop.py"]),
     Mutation(
         "same_seed", "every image of a run gets the same seed (args.seed instead of args.seed + i)",
-        "dcdp.py",
+        "runner/restore.py",
         [("torch.Generator().manual_seed(args.seed + i)", "torch.Generator().manual_seed(args.seed)")],
         ["tests/test_driver_noise.py"]),
     Mutation(

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 import dcdp
+import runner.restore
 from tests.test_driver import args, run_dir, setup, write_images  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ def test_killed_run_resumes_to_identical_outputs(setup):
 
 
 def test_out_of_memory_retries_with_smaller_batch(setup, monkeypatch, caplog):
-    real = dcdp.restore_batch
+    real = runner.restore.restore_batch
     calls = []
 
     def flaky(ctx, batch, *a, **k):
@@ -87,7 +88,7 @@ def test_out_of_memory_retries_with_smaller_batch(setup, monkeypatch, caplog):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(ctx, batch, *a, **k)
 
-    monkeypatch.setattr(dcdp, "restore_batch", flaky)
+    monkeypatch.setattr(runner.restore, "restore_batch", flaky)
     caplog.set_level("WARNING")
     assert dcdp.main(args(setup, "--no_curves", "--batch_size", "2")) == 0
     assert calls == [2, 1, 1] and "retrying with --batch_size 1" in caplog.text

@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 import dcdp
+import runner.restore
 from tests.test_driver import args, setup, write_images  # noqa: F401  (the fixture)
 
 
@@ -142,7 +143,7 @@ def test_an_odd_sized_image_is_that_images_failure(setup):
 
 
 def test_ctrl_c_summarises_the_finished_images(setup, monkeypatch, caplog):
-    real = dcdp.restore_batch
+    real = runner.restore.restore_batch
     calls = []
 
     def interrupted(ctx, batch, *a):
@@ -151,14 +152,14 @@ def test_ctrl_c_summarises_the_finished_images(setup, monkeypatch, caplog):
             raise KeyboardInterrupt
         return real(ctx, batch, *a)
 
-    monkeypatch.setattr(dcdp, "restore_batch", interrupted)
+    monkeypatch.setattr(runner.restore, "restore_batch", interrupted)
     assert dcdp.main(args(setup, "--no_curves")) == dcdp.EXIT_INTERRUPTED
     assert "interrupted after 1 of 2 images; rerun the same command with --resume" in caplog.text
     (summary,) = summaries(setup["out"])
     assert summary["ok"] == 1 and summary["missing"] == 1
     (root,) = setup["out"].glob("*/*/*/*")
     assert not (root / ".lock").exists()
-    monkeypatch.setattr(dcdp, "restore_batch", real)
+    monkeypatch.setattr(runner.restore, "restore_batch", real)
     assert dcdp.main(args(setup, "--no_curves", "--resume")) == 0
     (summary,) = summaries(setup["out"])
     assert summary["ok"] == 2 and summary["missing"] == 0

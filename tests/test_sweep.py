@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import dcdp
+import runner.restore
 from tests.test_driver import args, setup  # noqa: F401  (setup is a fixture)
 from util.errors import ConfigError
 from runner.sweep import Axis, grid, parse_axes, split_values, sweep_folder
@@ -106,7 +107,7 @@ def test_a_failed_or_diverged_point_is_a_row_and_the_sweep_goes_on(setup):
 
 
 def test_an_interrupted_sweep_resumed_runs_only_the_missing_points(setup, monkeypatch):
-    real = dcdp.restore_batch
+    real = runner.restore.restore_batch
     calls = []
 
     def interrupt_third_point(ctx, batch, lpips):
@@ -115,7 +116,7 @@ def test_an_interrupted_sweep_resumed_runs_only_the_missing_points(setup, monkey
             raise KeyboardInterrupt
         return real(ctx, batch, lpips)
 
-    monkeypatch.setattr(dcdp, "restore_batch", interrupt_third_point)
+    monkeypatch.setattr(runner.restore, "restore_batch", interrupt_third_point)
     assert run_grid(setup) == dcdp.EXIT_INTERRUPTED
     rows = list(csv.DictReader(open(sweep_dir(setup) / "sweep.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok", "interrupted"]
@@ -123,7 +124,7 @@ def test_an_interrupted_sweep_resumed_runs_only_the_missing_points(setup, monkey
     finished = {r["run_dir"]: (Path(r["run_dir"]) / "recon" / "00000.png").stat().st_mtime_ns for r in rows[:2]}
 
     calls.clear()
-    monkeypatch.setattr(dcdp, "restore_batch", lambda ctx, batch, lpips: (calls.append(ctx.root), real(ctx, batch, lpips))[1])
+    monkeypatch.setattr(runner.restore, "restore_batch", lambda ctx, batch, lpips: (calls.append(ctx.root), real(ctx, batch, lpips))[1])
     assert run_grid(setup, "--resume") == 0
     rows = list(csv.DictReader(open(sweep_dir(setup) / "sweep.csv")))
     assert [r["status"] for r in rows] == ["ok"] * 4

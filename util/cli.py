@@ -10,7 +10,9 @@ import torch
 
 from util.errors import ConfigError, DCDPError
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = 2         # a user error: one line naming the file or flag and the fix
+EXIT_FAILED_IMAGES = 3     # dcdp.py: some images failed (recorded with their reasons); the others are done
+EXIT_INTERRUPTED = 130     # Ctrl-C: the finished images are kept and summarised
 
 
 class OneLineParser(argparse.ArgumentParser):
