@@ -165,10 +165,7 @@ def restore_batch(ctx, batch: list, lpips=None) -> list:
     records, items = [], []
 
     def fail(i: int, reason: str) -> None:
-        log.warning(f"measurement {i} ({ctx.files[i]}): {reason}; continuing")
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "failed", "reason": reason}
-        out.write_record(root, rec)
-        records.append(rec)
+        records.append(out.record_failure(root, i, ctx.files[i], reason, "measurement"))
 
     for i in batch:
         try:

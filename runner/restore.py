@@ -144,10 +144,7 @@ def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
     records, images, kept = [], [], []
 
     def fail(i: int, reason: str) -> None:
-        log.warning(f"image {i} ({ctx.files[i]}): {reason}; continuing")
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "failed", "reason": reason}
-        out.write_record(root, rec)
-        records.append(rec)
+        records.append(out.record_failure(root, i, ctx.files[i], reason))
 
     for i in batch:
         try:

@@ -106,6 +106,14 @@ def save_image_outputs(root: Path, index: int, gt: Optional[torch.Tensor], y: to
         atomic_save_torch(iterates, root / "iterates" / f"{name}.pt")
 
 
+def record_failure(root: Path, index: int, file, reason: str, what: str = "image") -> dict:
+    """Image `index` failed for `reason`: one warning line, and its record (written, then returned)."""
+    log.warning(f"{what} {index} ({file}): {reason}; continuing")
+    rec = {"index": index, "file": str(file), "status": "failed", "reason": reason}
+    write_record(root, rec)
+    return rec
+
+
 def write_record(root: Path, record: dict) -> None:
     """Write one image's record; non-finite numbers (PSNR of a perfect result is inf) become strings."""
     record = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
