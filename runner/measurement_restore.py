@@ -214,12 +214,8 @@ def restore_batch(ctx, batch: list, lpips=None) -> list:
         out.save_image_outputs(root, i, None, y[b], None if failed is not None else result.x[b],
                                {k: v[b:b + 1] for k, v in state.items()}, iterates,
                                log_scale=ctx.task.operator_name == "phase_retrieval")
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "ok", "reason": "", "seconds": round(seconds, 3),
-               "nfe": result.nfe, "dc_steps": result.dc_steps}
-        if failed is not None:
-            rec.update(status="failed", reason=f"non-finite iterate (NaN/Inf) at outer iteration {failed}")
-            log.warning(f"measurement {i} ({ctx.files[i]}): diverged at outer iteration {failed}; continuing")
-        else:
+        rec = out.image_record(i, ctx.files[i], seconds, result.nfe, result.dc_steps, failed, "measurement")
+        if failed is None:
             rec.update(residual=after[b], residual_before=before[b])
         out.write_record(root, rec)
         records.append(rec)

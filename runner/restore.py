@@ -209,12 +209,8 @@ def restore_batch(ctx: RunContext, batch: list[int], lpips) -> list[dict]:
 
             save_metric_curves(curves[i]["psnr"], curves[i]["ssim"], None, root / "figures" / f"{out.stem(i)}_metrics.png",
                                title=Path(ctx.files[i]).name)
-        rec = {"index": i, "file": str(ctx.files[i]), "status": "ok", "reason": "", "seconds": round(seconds, 3),
-               "nfe": result.nfe, "dc_steps": result.dc_steps}
-        if failed is not None:
-            rec.update(status="failed", reason=f"non-finite iterate (NaN/Inf) at outer iteration {failed}")
-            log.warning(f"image {i} ({ctx.files[i]}): diverged at outer iteration {failed}; continuing")
-        else:
+        rec = out.image_record(i, ctx.files[i], seconds, result.nfe, result.dc_steps, failed)
+        if failed is None:
             rec.update(psnr=after_p[b], ssim=after_s[b], psnr_before=before_p[b], ssim_before=before_s[b],
                        lpips=None if after_l is None else after_l[b],
                        lpips_net=None if after_l is None else lpips.net,

@@ -106,6 +106,17 @@ def save_image_outputs(root: Path, index: int, gt: Optional[torch.Tensor], y: to
         atomic_save_torch(iterates, root / "iterates" / f"{name}.pt")
 
 
+def image_record(index: int, file, seconds: float, nfe: int, dc_steps: int, failed_at, what: str = "image") -> dict:
+    """An image's record after the loop: ok, or failed when its iterate became NaN/Inf at outer iteration
+    `failed_at` (one warning line then); the caller adds the metrics of an ok image."""
+    rec = {"index": index, "file": str(file), "status": "ok", "reason": "", "seconds": round(seconds, 3),
+           "nfe": nfe, "dc_steps": dc_steps}
+    if failed_at is not None:
+        rec.update(status="failed", reason=f"non-finite iterate (NaN/Inf) at outer iteration {failed_at}")
+        log.warning(f"{what} {index} ({file}): diverged at outer iteration {failed_at}; continuing")
+    return rec
+
+
 def record_failure(root: Path, index: int, file, reason: str, what: str = "image") -> dict:
     """Image `index` failed for `reason`: one warning line, and its record (written, then returned)."""
     log.warning(f"{what} {index} ({file}): {reason}; continuing")
