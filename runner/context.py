@@ -241,7 +241,7 @@ def check_run_folder(ctx: RunContext, dist: "Distributed") -> None:
                 f"run folder '{ctx.root}' holds a run with other settings ({', '.join(changed)}) in "
                 f"'{config_file}'; move that folder away or use another --save_dir")
     if dist.rank == 0:
-        out.make_dirs(ctx.root, ctx.args.save_iterates)
+        out.make_dirs(ctx.root, ctx.args.save_iterates, ground_truth=ctx.measurements is None)
         if not config_file.is_file():
             out.atomic_write_text(config_file, json.dumps(ctx.identity, indent=1))
         saved_run_state = ctx.operator.saved_state()

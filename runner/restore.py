@@ -52,7 +52,7 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
     psnr_running: list[float] = []
     pos = 0
     interrupted = False
-    with logging_redirect_tqdm(loggers=[log]):
+    with logging_redirect_tqdm():  # the root logger, whose handler prints: log lines above the bar, once
         try:
             while pos < len(todo):
                 batch = todo[pos: pos + batch_size]

@@ -6,7 +6,7 @@
 Each example is y = A(x) + n with the task's operator and Gaussian noise σ = 0.05 (seed 0), saved as an
 8-bit PNG, beside the mask or kernel it needs. x is a demo image of data/demo (public domain / CC0, see
 data/README.md), at 256×256 for super-resolution (y is 64×64) and reduced to 128×128 (PIL bicubic) for
-the others, to keep the files small.
+the others, to keep the files small (64×64 for phase retrieval, whose y is a .npy tensor of magnitudes).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def measure(operator, x: torch.Tensor, seed: int = 0, **state) -> torch.Tensor:
 
 
 def main() -> None:
-    for sub in ("super_resolution", "denoising", "gaussian_deblur", "motion_deblur", "inpainting"):
+    for sub in ("super_resolution", "denoising", "gaussian_deblur", "motion_deblur", "inpainting", "phase_retrieval"):
         (OUT / sub).mkdir(parents=True, exist_ok=True)
     # super-resolution x4: a 64x64 image of the 256x256 astronaut (the demo task's operator)
     save_image(measure(get_operator("super_resolution", scale_factor=4), demo("astronaut", 256)),
@@ -66,12 +66,16 @@ def main() -> None:
     m = torch.from_numpy(mask >= 128).float().expand(1, 3, 128, 128)
     save_image(measure(get_operator("inpainting"), demo("astronaut", 128), mask=m),
                OUT / "inpainting" / "astronaut_128.png")
+    # phase retrieval: the Fourier magnitudes of the 64x64 coffee, oversampled 2 (the official operator: a
+    # (1, 3, 96, 96) tensor), with sigma 0.05 noise, as a .npy file (a picture cannot hold magnitudes)
+    y = measure(get_operator("phase_retrieval", oversample=2.0), demo("coffee", 64))
+    np.save(OUT / "phase_retrieval" / "coffee_64.npy", y.numpy().astype(np.float32))
     print(f"written under {OUT}")
 
 
 # the README's figure: a row per task, the measurement as given and the restoration
 FIGURE_ROWS = ("super_resolution", "denoising:noise", "gaussian_deblur:gaussian_blur", "motion_deblur:motion_blur",
-               "inpainting")
+               "inpainting", "phase_retrieval")
 FIGURE = ROOT / "docs" / "measurement_examples.jpg"
 
 

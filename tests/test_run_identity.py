@@ -214,3 +214,15 @@ def test_two_real_processes_racing_into_one_folder(setup):
     assert resumed.returncode == 0, resumed.stderr
     (summary,) = summaries(setup["out"])
     assert summary["ok"] == 12 and summary["resolved"]["seed"] == 0
+
+
+def test_a_warning_is_printed_once_above_the_progress_bar(setup):
+    """With the progress bar on, a log line goes through tqdm once (not also through the root handler)."""
+    import subprocess
+    import sys
+
+    (setup["data"] / "img1.png").write_text("not a picture")
+    command = [sys.executable, str(Path(dcdp.__file__)), *[a for a in args(setup, "--no_curves") if a != "--quiet"]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == dcdp.EXIT_FAILED_IMAGES, done.stderr
+    assert done.stderr.count("unreadable image") == 1, done.stderr

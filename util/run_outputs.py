@@ -53,9 +53,11 @@ def run_dir_name(save_dir: str, operator_name: str, dataset_name: str, sigma: fl
     return Path(save_dir) / operator_name / dataset_name / f"noise_std_{sigma_str}" / leaf
 
 
-def make_dirs(root: Path, save_iterates: bool) -> None:
+def make_dirs(root: Path, save_iterates: bool, ground_truth: bool = True) -> None:
+    """The run folder's sub-folders; a run without ground truth has no label/ or dc/ (nor a montage)."""
     for sub in SUBDIRS + (("iterates",) if save_iterates else ()):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        if ground_truth or sub not in ("label", "dc"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
 
 
 def stem(index: int) -> str:
