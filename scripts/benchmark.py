@@ -34,7 +34,6 @@ are compared (the bar is 0.05 dB).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import sys
@@ -45,12 +44,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from guided_diffusion import unet_blocks as unet_module  # noqa: E402  (its attention is swapped for the official one)
+from scripts.official_structure import Autograd, ConvBlur, official_attention  # noqa: E402
 from guided_diffusion.config import load_model_config, load_purification_config, load_task_config  # noqa: E402
 from guided_diffusion.measurements import get_operator  # noqa: E402
 from guided_diffusion.priors import build_prior  # noqa: E402
@@ -93,49 +91,6 @@ TASKS = {
     "cm_super_resolution": ("super_resolution_config.yaml", "purification_config_cm_bedroom_super_resolution.yaml",
                             "model_config_cm_bedroom.yaml", CPU_CM),
 }
-
-
-class ConvBlur:
-    """The official blur: ReflectionPad2d(k//2) + depthwise Conv2d, differentiated by autograd."""
-
-    is_linear = False  # forces the autograd data-consistency path, as the official code
-
-    def __init__(self, kernel: torch.Tensor):
-        self.weight = kernel.float().expand(3, 1, *kernel.shape).contiguous()
-
-    def forward(self, x, **state):
-        pad = self.weight.shape[-1] // 2
-        return F.conv2d(F.pad(x, (pad,) * 4, mode="reflect"), self.weight.to(x.device, x.dtype), groups=3)
-
-
-class Autograd:
-    """An operator seen through autograd only (no exact transpose), as the official solver sees it."""
-
-    is_linear = False
-
-    def __init__(self, op):
-        self.op = op
-
-    def forward(self, x, **state):
-        return self.op.forward(x, **state)
-
-
-def explicit_attention(q, k, v):
-    """The reference's attention: explicit float32 softmax of q·kᵀ/sqrt(d)."""
-    scale = q.shape[-1] ** -0.5
-    w = torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1, dtype=torch.float32).to(q.dtype)
-    return w @ v
-
-
-@contextlib.contextmanager
-def official_attention(enabled: bool):
-    saved = unet_module.attention
-    if enabled:
-        unet_module.attention = explicit_attention
-    try:
-        yield
-    finally:
-        unet_module.attention = saved
 
 
 def sync(device):
