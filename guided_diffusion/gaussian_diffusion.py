@@ -154,9 +154,6 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, t: int, alpha_bar=ALPHA_BAR
     return x0.clamp(-1.0, 1.0) if clip else x0
 
 
-_predict_x0 = predict_x0
-
-
 @torch.no_grad()
 def ddim_denoise(model: EpsModel, x_t: torch.Tensor, T_k: int, n: int = 20) -> torch.Tensor:
     """Full-DDIM purification (η = 0) of x_t, noised at timestep T_k − 1, back to t = 0.
@@ -171,7 +168,7 @@ def ddim_denoise(model: EpsModel, x_t: torch.Tensor, T_k: int, n: int = 20) -> t
         a = ALPHA_BAR[t]
         a_prev = ALPHA_BAR[kept[i - 1]] if i > 0 else 1.0
         eps = _eps(model, x, t)                                   # 1. ε̂ = ε_θ(x_t, t)
-        x0_hat = _predict_x0(x, eps, t)                           # 2. x̂_0, clipped
+        x0_hat = predict_x0(x, eps, t)                            # 2. x̂_0, clipped
         eps = (_coef(math.sqrt(1.0 / a), x) * x - x0_hat) / _coef(math.sqrt(1.0 / a - 1.0), x)  # 3. ε from clipped x̂_0
         x = _coef(math.sqrt(a_prev), x) * x0_hat + _coef(math.sqrt(1.0 - a_prev), x) * eps     # 4. DDIM step, η = 0
     return x
@@ -181,7 +178,7 @@ def ddim_denoise(model: EpsModel, x_t: torch.Tensor, T_k: int, n: int = 20) -> t
 def tweedie_denoise(model: EpsModel, x_t: torch.Tensor, T_k: int) -> torch.Tensor:
     """One-step Tweedie purification: x̂_0 at t = max(T_k, 2) − 1, clipped to [-1, 1]."""
     t = ddim_num_steps(T_k) - 1
-    return _predict_x0(x_t, _eps(model, x_t, t), t)
+    return predict_x0(x_t, _eps(model, x_t, t), t)
 
 
 def ddim_nfe(T_k: int, n: int = 20) -> int:
