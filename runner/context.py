@@ -104,7 +104,7 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
     from guided_diffusion.measurements import get_noise, get_operator
     from guided_diffusion.priors import build_prior
     from util import run_outputs as out
-    from util.image_io import list_images
+    from util.image_io import DATASETS, list_images
 
     task, pur, model_cfg = load_configs(args)
     for key in task.ignored:
@@ -119,8 +119,6 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         log.warning("note: --cuda_graphs has no effect without a CUDA device")
     dataset_name = args.dataset or pur.dataset_name
     data_root = args.data_root or pur.dataset_root
-    from util.image_io import DATASETS
-
     if dataset_name not in DATASETS:
         raise ConfigError(f"--dataset {dataset_name!r} is not allowed; use one of {', '.join(DATASETS)}")
 
@@ -157,22 +155,25 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         from runner.measurement_input import MODE, scan
 
         measurements = scan(resolve_path(args.measurements))
-        files, dataset_name, data_root, root_path = measurements.files, MODE, args.measurements, measurements.root
+        files, dataset_name, data_root = measurements.files, MODE, args.measurements
         if pur.image_size is not None:
             log.info("note: others.img_size is not used with --measurements (every measurement keeps its size)")
+        dataset_identity = measurements.identity()
     else:
         root_path = resolve_path(data_root)
         try:
             files = list_images(root_path, dataset_name)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        listing = "\n".join(str(Path(f).relative_to(root_path)) if Path(f).is_relative_to(root_path) else str(f)
+                            for f in files)
+        dataset_identity = {"name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
+                            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
     selected = list(range(len(files)))[: args.max_images]
 
     checkpoint = model_cfg.get("model_path")
     from guided_diffusion.model_check import sha256_file
 
-    listing = "\n".join(str(Path(f).relative_to(root_path)) if Path(f).is_relative_to(root_path) else str(f)
-                        for f in files)
     identity = {
         "task": {"operator": task.operator, "noise": task.noise},
         "purification": pur.resolved(),
@@ -180,10 +181,7 @@ def build_context(args, device: torch.device, dist: "Distributed") -> RunContext
         "checkpoint_sha256": sha256_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None,
         "random_weights": random_weights or bool(getattr(operator, "random_weights", False)),
         "seed": args.seed, "no_purification": args.no_purification,
-        "dataset": measurements.identity() if measurements else {
-            "name": dataset_name, "root": str(root_path.resolve()), "images": len(files),
-            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()},
-        # the network precision changes the numbers of pixel priors (the others ignore --precision)
+        "dataset": dataset_identity,
         "precision": prior_info["precision"],  # the network precision, where it changes the numbers (pixel priors)
         "flags": {"exact_transpose": settings.exact_transpose, "channels_last": args.channels_last,
                   "compile": bool(args.compile or settings.cuda_graphs), "cuda_graphs": settings.cuda_graphs},

@@ -41,12 +41,11 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
         log.info(f"resume: {len(indices) - len(todo)} image(s) already complete, {len(todo)} to do")
     log.info(f"{len(ctx.selected)} image(s) from '{ctx.data_root}' → {ctx.root}  (device {ctx.device}, prior "
              f"{ctx.prior_info['kind']})")
-    lpips = LPIPS(ctx.device, net=args.lpips) if ctx.measurements is None else None  # no ground truth: no LPIPS
-    restore = restore_batch
+    given = None  # the module of the no-ground-truth mode (--measurements): its batch, columns and summary line
     if ctx.measurements is not None:
         from runner import measurement_restore as given
-
-        restore = given.restore_batch
+    restore = given.restore_batch if given else restore_batch
+    lpips = None if given else LPIPS(ctx.device, net=args.lpips)  # no ground truth: no LPIPS
     bar = tqdm(total=len(todo), desc="images", unit="img", disable=args.quiet, file=sys.stderr)
     batch_size = args.batch_size or 1
     psnr_running: list[float] = []
@@ -81,26 +80,28 @@ def restore_all(ctx: RunContext, dist: "Distributed") -> int:
         dist.barrier()
     code = EXIT_INTERRUPTED if interrupted else 0
     if dist.rank == 0 or interrupted:
-        no_gt = {} if ctx.measurements is None else {"columns": given.CSV_COLUMNS, "metric_keys": given.METRIC_KEYS}
+        no_gt = {"columns": given.CSV_COLUMNS, "metric_keys": given.METRIC_KEYS} if given else {}
         summary = out.write_summaries(ctx.root, run_meta(ctx, dist, lpips),
                                       {i: str(ctx.files[i]) for i in ctx.selected}, **no_gt)
-        if ctx.measurements is None:
+        if not given:
             from util.montage import write_run_montage
 
             write_run_montage(ctx.root)  # figures/montage.png: the first images, from the files written above
-        m = summary["metrics"]
-        fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
         print(f"outputs: {ctx.root}")
-        if no_gt:
-            print(given.summary_line(summary))
-        else:
-            print(f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
-                  f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
-                  + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
+        print((given.summary_line if given else summary_line)(summary))
         if summary["failed"]:
             print(f"{summary['failed']} image(s) failed: see {ctx.root / 'metrics.csv'}")
             code = code or EXIT_FAILED_IMAGES
     return code
+
+
+def summary_line(summary: dict) -> str:
+    """The run's result in one line: mean ± std of PSNR and SSIM, and the PSNR before the last purification."""
+    m = summary["metrics"]
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+    return (f"mean PSNR {fmt(m['psnr'])} dB, SSIM {fmt(m['ssim'])} over {summary['ok']} image(s)"
+            f" (before the last purification: PSNR {fmt(m['psnr_before'])})"
+            + (f"; {summary['missing']} of {summary['images']} not done yet" if summary["missing"] else ""))
 
 
 def run_meta(ctx: RunContext, dist: "Distributed", lpips) -> dict:
