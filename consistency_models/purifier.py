@@ -144,10 +144,6 @@ class ConsistencyPurifier(PriorBase):
             s = sigma_from_timestep(T_k)
         return float(np.clip(s, self.denoiser.sigma_min, self.denoiser.sigma_max))
 
-    def sigmas(self, T_k: int, k: int | None = None, K: int | None = None) -> list[float]:
-        """The levels the network is evaluated at: [σ_k, s_1, …, s_m], decreasing."""
-        return refinement_sigmas(self.sigma(T_k, k, K), self.options["cm_multistep"], self.denoiser.sigma_min)
-
     def levels(self, timesteps: Sequence[int]) -> list[float]:
         """σ_k of every round k for the run's purification schedule T_0..T_{K−1}, clipped."""
         K = len(timesteps)

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from guided_diffusion.config import parse_overrides
+from util.cli import EXIT_BAD_INPUT, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED
 from util.errors import ConfigError, DCDPError
+from util.files import load_yaml
 
 log = logging.getLogger("dcdp")
 
-EXIT_BAD_INPUT, EXIT_FAILED_IMAGES, EXIT_INTERRUPTED = 2, 3, 130
 # Flags that change no point's numbers or folder: left out of the sweep folder's hash.
 NOT_IN_HASH = ("sweep", "resume", "quiet", "lpips", "no_curves", "batch_size", "run_root")
 
@@ -72,13 +73,8 @@ def _value_text(value) -> str:
 
 
 def _axes_from_file(path: Path) -> list[Axis]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--sweep '{path}': cannot read it as YAML ({type(exc).__name__}); fix the file") from None
-    block = data.get("sweep") if isinstance(data, dict) else None
+    data = load_yaml(path, "--sweep", fix="give a YAML file with a 'sweep:' block mapping keys to lists of values")
+    block = data.get("sweep")
     if not isinstance(block, dict) or not block:
         raise ConfigError(f"--sweep '{path}': expected a 'sweep:' block mapping keys to lists of values, e.g. "
                           f"sweep: {{purification.lr: [1.0e3, 1.0e4]}}")

@@ -56,6 +56,7 @@ from guided_diffusion.fast_dc import cuda_graph_failures  # noqa: E402
 from guided_diffusion.solver import run_dcdp  # noqa: E402
 from util.cli import OneLineParser, pick_device, run_command  # noqa: E402
 from util.errors import ConfigError, DCDPError  # noqa: E402
+from util.files import load_yaml  # noqa: E402
 
 DEMO_TASKS = sorted(p.stem for p in (ROOT / "purification_configurations" / "demo").glob("*.yaml"))
 COMPILE_MODES = ("reduce-overhead", "default", "max-autotune", "max-autotune-no-cudagraphs")
@@ -224,7 +225,7 @@ def _purification_copy(src: Path, dst_dir: Path, max_rounds: Optional[int], exac
     """A copy of a purification config with `exact_transpose` set and K capped at max_rounds (`capped_rounds`)."""
     import yaml
 
-    raw = yaml.safe_load(src.read_text())
+    raw = load_yaml(src, "purification config")
     block = raw["purification"]  # the official layout
     block["exact_transpose"] = exact_transpose
     block["total_num_iterations"], block["ddim_end_timestep"] = capped_rounds(

@@ -121,7 +121,7 @@ def test_lpips_missing_vgg_weights_is_unavailable(offline: Path, monkeypatch: py
 
 
 def test_lpips_with_local_weights_uses_backend_and_blocks_downloads(offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    ckpt = metrics._vgg16_weights_file()
+    ckpt = metrics.backbone_weights_file("vgg")
     assert str(ckpt).startswith(str(offline))  # TORCH_HOME decides where weights are looked for
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")

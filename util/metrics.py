@@ -86,10 +86,6 @@ def backbone_weights_file(net: str = "vgg") -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / BACKBONES[net][1]
 
 
-def _vgg16_weights_file() -> Path:
-    return backbone_weights_file("vgg")
-
-
 def _linear_weights_file(backend: str, net: str) -> Path | None:
     """The LPIPS linear layers' weights that the backend ships inside its package."""
     spec = importlib.util.find_spec(backend)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from util.errors import ConfigError
+from util.files import load_yaml
 
 REGISTRY = Path(__file__).resolve().parent.parent / "tables" / "published.yaml"
 NUMBERS = ("psnr", "psnr_std", "ssim", "ssim_std", "lpips", "lpips_std", "seconds_per_image", "nfe")
@@ -73,15 +74,9 @@ def _row(where: str, data) -> Row:
 
 def load_registry(path: str | Path = REGISTRY) -> dict[str, Table]:
     """Every table of the registry file, checked; ConfigError naming the file, table and key otherwise."""
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"registry '{path}': cannot read it ({type(exc).__name__}); fix the file or give another "
-                          f"--registry") from None
-    tables = data.get("tables") if isinstance(data, dict) else None
+    data = load_yaml(path, "registry", fix="fix the file or give another --registry")
+    tables = data.get("tables")
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"registry '{path}': expected a 'tables:' mapping of table names to entries")
     out = {}
