@@ -53,6 +53,7 @@ CORE_PURIFICATION_SCHEMA: dict[str, Key] = {
     "purify": _bool(True),
     "final_csgm_num_iterations": _int(None, lo=1, nullable=True),
     "final_dc_iterations": _int(0, lo=0),
+    "average_last_rounds": _int(1, lo=1),
     "exact_transpose": _bool(False),
 }
 
@@ -259,7 +260,8 @@ class PurificationConfig:
             optimizer=v["optimizer"], momentum=v["momentum"], loss=v["loss"],
             weight_decay_lambda=v["weight_decay_lambda"] if v["use_weight_decay"] else 0.0,
             purify=v["purify"] if purify is None else purify, final_tau=v["final_csgm_num_iterations"],
-            final_dc_iterations=v["final_dc_iterations"], exact_transpose=v["exact_transpose"],
+            final_dc_iterations=v["final_dc_iterations"], average_last_rounds=v["average_last_rounds"],
+            exact_transpose=v["exact_transpose"],
         )
 
     def prior_options(self) -> dict:
@@ -288,6 +290,11 @@ def purification_from_dict(d: dict, origins: Origins, *, dataset_fallback: Optio
     if "purification" not in d:
         raise ConfigError(f"{where}: needs a 'purification:' block with the hyper-parameters (the official layout)")
     values = check_block(d["purification"], purification_schema(), origins, ("purification",), "purification")
+    if values["average_last_rounds"] > values["total_num_iterations"]:
+        raise ConfigError(f"{origins.of('purification', 'average_last_rounds')}: purification.average_last_rounds = "
+                          f"{values['average_last_rounds']} is more than the {values['total_num_iterations']} rounds "
+                          f"(total_num_iterations); use a value from 1 (the last round's x, official) to "
+                          f"{values['total_num_iterations']}")
     dataset_given = d.get("dataset") is not None
     raw_dataset = d.get("dataset")
     if not dataset_given and dataset_fallback:

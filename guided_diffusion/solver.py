@@ -108,6 +108,7 @@ class DCDPSettings:
     purify: bool = True          # False: data consistency alone (a baseline), same number of steps
     final_tau: Optional[int] = None    # steps of the last round (None: tau)
     final_dc_iterations: int = 0       # data-consistency steps after the last purification (0: none)
+    average_last_rounds: int = 1       # output: mean of x over the last m rounds (1: the last x, official)
     exact_transpose: bool = False
     cuda_graphs: bool = False    # with exact_transpose on CUDA: data-consistency steps replayed from a CUDA graph
 
@@ -150,6 +151,10 @@ def run_dcdp(
     loss and flags as the rounds) run from the last purified x after the loop: `x` is their output,
     `x_before` stays the last round's data-consistency iterate, `dc_steps` counts them, `nfe` is unchanged,
     and an image that becomes NaN/Inf there is recorded with `failed_at` = K.
+    With `settings.average_last_rounds` m > 1, the output is the mean of x at the end of the last m rounds
+    (the purified x; the data-consistency iterate with purification off) instead of the last one alone,
+    before any final data-consistency phase; it costs no network evaluation. For a latent prior the mean is
+    taken of the optimised latent.
     """
     timesteps = settings.timesteps()
     # the prior's own noise level per round (a consistency model's σ_k); a bare purifier uses T_k itself
@@ -161,6 +166,10 @@ def run_dcdp(
     failed_at: list = [None] * B
     iterates: Optional[list] = [] if record_iterates else None
     nfe = dc_steps = 0
+    m = settings.average_last_rounds
+    if not 1 <= m <= settings.K:
+        raise ValueError(f"average_last_rounds must be between 1 and K = {settings.K}, got {m}")
+    total: Optional[torch.Tensor] = None   # sum of x over the last m rounds
     x = x_init
     x_before = x
     for k, T_k in enumerate(timesteps):
@@ -185,6 +194,10 @@ def run_dcdp(
                     failed_at[b] = k
         if callback is not None:
             callback(k, T_k, x_before, x)
+        if m > 1 and k >= settings.K - m:
+            total = x.detach().clone() if total is None else total.add_(x.detach())
+    if total is not None:
+        x = total / m
     if settings.final_dc_iterations > 0:
         # A final data-consistency phase after the last purification (x_before stays the last round's).
         x = data_consistency(

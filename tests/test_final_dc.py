@@ -78,3 +78,46 @@ def test_non_finite_in_final_phase_is_recorded():
     r = solve(op, y, dataclasses.replace(settings, final_dc_iterations=2000))
     assert not torch.isfinite(r.x).all()
     assert r.failed_at == [1, 1]
+
+
+# --- average_last_rounds: the output is the mean of x over the last m rounds --------------------------
+
+
+def solve_recording(op, y, settings):
+    """`solve`, also returning x at the end of every round (as the callback sees it)."""
+    rounds = []
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    r = run_dcdp(y, op, ShrinkPurifier(), settings, gens, torch.zeros(2, 3, 16, 16),
+                 callback=lambda k, T, before, after: rounds.append(after.clone()))
+    return r, rounds
+
+
+@pytest.mark.parametrize("purify", [True, False])
+def test_average_of_the_last_rounds(purify):
+    op, y = problem()
+    plain = DCDPSettings(**BASE, purify=purify)
+    assert plain.average_last_rounds == 1
+    a, rounds = solve_recording(op, y, plain)
+    assert torch.equal(a.x, rounds[-1])                        # m = 1: the last round's x (official)
+    for m in (2, 4):
+        b, again = solve_recording(op, y, dataclasses.replace(plain, average_last_rounds=m))
+        assert all(torch.equal(u, v) for u, v in zip(rounds, again))   # the rounds themselves are unchanged
+        torch.testing.assert_close(b.x, torch.stack(rounds[-m:]).mean(0), rtol=0, atol=1e-6)
+        assert not torch.allclose(b.x, a.x, atol=1e-4)
+        assert torch.equal(b.x_before, a.x_before)
+        assert (b.nfe, b.dc_steps) == (a.nfe, a.dc_steps)
+
+
+def test_final_phase_starts_from_the_average():
+    op, y = problem()
+    avg = DCDPSettings(**BASE, average_last_rounds=3)
+    a = solve(op, y, avg)
+    b = solve(op, y, dataclasses.replace(avg, final_dc_iterations=5))
+    assert torch.equal(b.x, data_consistency(y, a.x, op, 5, BASE["lr"], BASE["momentum"]))
+
+
+@pytest.mark.parametrize("m", [0, 5])
+def test_average_out_of_range_is_refused(m):
+    op, y = problem()
+    with pytest.raises(ValueError, match="average_last_rounds must be between 1 and K = 4"):
+        solve(op, y, DCDPSettings(**BASE, average_last_rounds=m))
