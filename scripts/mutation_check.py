@@ -112,6 +112,11 @@ MUTATIONS = [
         "guided_diffusion/solver.py",
         [("return err.flatten(1).mean(dim=1).sum()", "return err.mean()")],
         ["tests/test_solver.py"]),
+    Mutation(
+        "average_window", "average_last_rounds averages one round too few (the last m - 1 rounds, divided by m)",
+        "guided_diffusion/solver.py",
+        [("if m > 1 and k >= settings.K - m:", "if m > 1 and k > settings.K - m:")],
+        ["tests/test_final_dc.py"]),
 ]
 
 
