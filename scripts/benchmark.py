@@ -101,7 +101,8 @@ def sync(device):
 
 def capped_rounds(K: int, T_init: int, T_end: int, max_rounds: Optional[int]) -> tuple[int, int]:
     """(K, T_end) for at most max_rounds outer iterations: the first rounds of the full linear schedule,
-    so T_end moves up to where the full schedule is after max_rounds rounds."""
+    so T_end moves up to where the full schedule is after max_rounds rounds (the callers also cap
+    average_last_rounds at the new K)."""
     if not max_rounds or K <= max_rounds:
         return K, T_end
     return max_rounds, max(T_end, T_init - (T_init - T_end) * max_rounds // K)
@@ -128,6 +129,7 @@ def bench_one(task: str, path: str, batch: int, args, device, max_rounds: Option
     settings = pcfg.settings()
     K_full = settings.K
     settings.K, settings.T_end = capped_rounds(K_full, settings.T_init, settings.T_end, max_rounds or args.max_rounds)
+    settings.average_last_rounds = min(settings.average_last_rounds, settings.K)
     size = args.image_size
     params = {k: v for k, v in tcfg.operator.items() if k != "name"}
     if tcfg.operator_name == "inpainting" and size != 256:  # the official hole, scaled to the image size
@@ -230,6 +232,8 @@ def _purification_copy(src: Path, dst_dir: Path, max_rounds: Optional[int], exac
     block["exact_transpose"] = exact_transpose
     block["total_num_iterations"], block["ddim_end_timestep"] = capped_rounds(
         block["total_num_iterations"], block["ddim_init_timestep"], block.get("ddim_end_timestep", 0), max_rounds)
+    if "average_last_rounds" in block:  # the mean of the last rounds, over no more rounds than there are
+        block["average_last_rounds"] = min(block["average_last_rounds"], block["total_num_iterations"])
     dst_dir.mkdir(parents=True, exist_ok=True)
     dst = dst_dir / src.name
     dst.write_text(yaml.safe_dump(raw))

@@ -42,7 +42,7 @@ COMPARED = ("psnr", "ssim", "lpips", "seconds_per_image", "nfe")
 LABELS = {"psnr": "PSNR", "ssim": "SSIM", "lpips": "LPIPS", "seconds_per_image": "s/img", "nfe": "NFE"}
 DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3, "seconds_per_image": 2, "nfe": 0}
 SMOKE = ("purification.total_num_iterations=1", "purification.csgm_num_iterations=2",
-         "purification.ddim_num_iterations=2")
+         "purification.ddim_num_iterations=2", "purification.average_last_rounds=1")
 CSV_FIELDS = ("row", "status", "reason", "images", "failed") + tuple(
     f"{m}_{what}" for m in COMPARED for what in ("ours", "ours_std", "published", "published_std", "diff")) + (
     "run_dirs",)

@@ -121,6 +121,6 @@ def test_parity_mode_compares_fast_with_reference_on_the_demo_prior(tmp_path, ca
                            "--device", "cpu", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())
     assert row["task"] == "super_resolution" and row["images"] == 1 and row["within_0_05_db"]
-    # one round (K capped at 1: one Tweedie step at T = 300) of the demo SR config on astronaut
-    assert abs(row["gap_db"]) < 0.05 and row["reference_psnr"] == pytest.approx(14.478, abs=0.05)
+    # one round (K capped at 1: 20 steps at lr 2000, one Tweedie step at T = 300) of the demo SR config on astronaut
+    assert abs(row["gap_db"]) < 0.05 and row["reference_psnr"] == pytest.approx(19.336, abs=0.05)
     assert "| super_resolution | 1 |" in capsys.readouterr().out
