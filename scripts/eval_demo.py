@@ -10,7 +10,8 @@ mean ± std over images x seeds of PSNR / SSIM on the held-out images in data/de
       the noisy image;
   (b) data consistency alone: the same solver and number of gradient steps, purification off;
   (c) DCDP with the demo prior;
-with network evaluations (NFE) per image and seconds per image. Runs go through dcdp.py (one fresh
+with network evaluations (NFE) per image and seconds per image, and below the table DCDP's mean over the
+images at each seed (the seed-0 means are what tests/test_demo_numbers.py pins). Runs go through dcdp.py (one fresh
 --save_dir per run, so each run's summary.json is found whatever the run folder is named), so the
 numbers are the driver's own. --out FILE writes the table as markdown (FILE.md) or JSON (FILE.json).
 """
