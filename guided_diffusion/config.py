@@ -25,7 +25,7 @@ from util.schema import float_key as _float
 from util.schema import int_key as _int
 
 from .gaussian_diffusion import NUM_DIFFUSION_STEPS, SCHEDULE_KINDS
-from .solver import LOSSES, OPTIMIZERS, DCDPSettings
+from .solver import LOSSES, OPTIMIZERS, TRANSFORMS, DCDPSettings
 
 log = logging.getLogger("dcdp")
 
@@ -54,6 +54,7 @@ CORE_PURIFICATION_SCHEMA: dict[str, Key] = {
     "final_csgm_num_iterations": _int(None, lo=1, nullable=True),
     "final_dc_iterations": _int(0, lo=0),
     "average_last_rounds": _int(1, lo=1),
+    "purification_transforms": _choice(tuple(TRANSFORMS), "none"),
     "exact_transpose": _bool(False),
 }
 
@@ -261,7 +262,7 @@ class PurificationConfig:
             weight_decay_lambda=v["weight_decay_lambda"] if v["use_weight_decay"] else 0.0,
             purify=v["purify"] if purify is None else purify, final_tau=v["final_csgm_num_iterations"],
             final_dc_iterations=v["final_dc_iterations"], average_last_rounds=v["average_last_rounds"],
-            exact_transpose=v["exact_transpose"],
+            purification_transforms=v["purification_transforms"], exact_transpose=v["exact_transpose"],
         )
 
     def prior_options(self) -> dict:

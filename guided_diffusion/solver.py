@@ -26,6 +26,21 @@ if TYPE_CHECKING:  # the protocols the loop works against
 
 OPTIMIZERS = ("SGD", "Adam")
 LOSSES = ("L2", "L1")
+# Frames the purification may run in, one per round in turn (`purification_transforms`): (quarter turns, flip)
+TRANSFORMS = {"none": ((0, False),), "flip": ((0, False), (0, True)),
+              "dihedral": tuple((r, f) for f in (False, True) for r in range(4))}
+
+
+def _to_frame(x: torch.Tensor, frame: tuple) -> torch.Tensor:
+    turns, flip = frame
+    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    return torch.flip(x, dims=(-1,)) if flip else x
+
+
+def _from_frame(x: torch.Tensor, frame: tuple) -> torch.Tensor:
+    turns, flip = frame
+    x = torch.flip(x, dims=(-1,)) if flip else x
+    return torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
 
 
 def _per_image_mean(err: torch.Tensor) -> torch.Tensor:
@@ -109,6 +124,7 @@ class DCDPSettings:
     final_tau: Optional[int] = None    # steps of the last round (None: tau)
     final_dc_iterations: int = 0       # data-consistency steps after the last purification (0: none)
     average_last_rounds: int = 1       # output: mean of x over the last m rounds (1: the last x, official)
+    purification_transforms: str = "none"   # round k purifies in frame k mod n of TRANSFORMS[...] (none: official)
     exact_transpose: bool = False
     cuda_graphs: bool = False    # with exact_transpose on CUDA: data-consistency steps replayed from a CUDA graph
 
@@ -155,6 +171,11 @@ def run_dcdp(
     (the purified x; the data-consistency iterate with purification off) instead of the last one alone,
     before any final data-consistency phase; it costs no network evaluation. For a latent prior the mean is
     taken of the optimised latent.
+    With `settings.purification_transforms` "flip" or "dihedral", round k purifies x in the k-th (mod 2 or 8)
+    frame of TRANSFORMS (x flipped left-right and/or turned by quarter turns, then turned back): the
+    prior's errors differ from frame to frame, so the average of the last rounds averages them out too
+    (the augmentations a prior was trained with: flips for the guided-diffusion priors, flips and quarter
+    turns for the demo prior). "none" is the official purification.
     """
     timesteps = settings.timesteps()
     # the prior's own noise level per round (a consistency model's σ_k); a bare purifier uses T_k itself
@@ -169,6 +190,10 @@ def run_dcdp(
     m = settings.average_last_rounds
     if not 1 <= m <= settings.K:
         raise ValueError(f"average_last_rounds must be between 1 and K = {settings.K}, got {m}")
+    if settings.purification_transforms not in TRANSFORMS:
+        raise ValueError(f"unknown purification_transforms '{settings.purification_transforms}'; "
+                         f"valid: {', '.join(TRANSFORMS)}")
+    frames = TRANSFORMS[settings.purification_transforms]
     total: Optional[torch.Tensor] = None   # sum of x over the last m rounds
     x = x_init
     x_before = x
@@ -183,7 +208,8 @@ def run_dcdp(
         dc_steps += steps
         x_before = x
         if settings.purify:
-            x = purifier.purify(x, levels[k], generators)
+            frame = frames[k % len(frames)]
+            x = _from_frame(purifier.purify(_to_frame(x, frame), levels[k], generators), frame)
             nfe += purifier.nfe(levels[k])
         if record_iterates:
             iterates.extend([image(v).detach().cpu() for v in (first[0] if first else x_before, x_before, x)])

@@ -121,3 +121,67 @@ def test_average_out_of_range_is_refused(m):
     op, y = problem()
     with pytest.raises(ValueError, match="average_last_rounds must be between 1 and K = 4"):
         solve(op, y, DCDPSettings(**BASE, average_last_rounds=m))
+
+
+# --- purification_transforms: round k purifies in the k-th frame (flips, quarter turns) ---------------
+
+
+class MarkPurifier:
+    """x ↦ x + R: a purifier that is not equivariant (R is a fixed pattern in the frame it is given x in)."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def purify(self, x, T_k, generators):
+        self.shapes.append(tuple(x.shape))
+        h, w = x.shape[-2:]
+        pattern = torch.arange(h * w, dtype=x.dtype).reshape(h, w) / (h * w)
+        return x + pattern
+
+    def nfe(self, T_k):
+        return 1
+
+
+def frames_by_hand(name):
+    """The frames written out: (what is done to x before purification, how it is undone)."""
+    ident = (lambda v: v, lambda v: v)
+    flip = (lambda v: v.flip(-1), lambda v: v.flip(-1))
+    turn = [(lambda v, r=r: torch.rot90(v, r, (-2, -1)), lambda v, r=r: torch.rot90(v, -r, (-2, -1))) for r in range(4)]
+    turned_flip = [(lambda v, r=r: torch.rot90(v, r, (-2, -1)).flip(-1), lambda v, r=r: torch.rot90(v.flip(-1), -r, (-2, -1)))
+                   for r in range(4)]
+    return {"none": [ident], "flip": [ident, flip], "dihedral": turn + turned_flip}[name]
+
+
+@pytest.mark.parametrize("name", ["flip", "dihedral"])
+def test_each_round_purifies_in_its_frame(name):
+    op = get_operator("super_resolution", device=torch.device("cpu"), in_shape=[1, 3, 8, 16], scale_factor=4)
+    y = op.forward(torch.rand(1, 3, 8, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    settings = DCDPSettings(K=10, tau=2, lr=5.0, T_init=100, purification_transforms=name)
+    rounds, befores = [], []
+    purifier = MarkPurifier()
+    run_dcdp(y, op, purifier, settings, [torch.Generator()], torch.zeros(1, 3, 8, 16),
+             callback=lambda k, T, before, after: (befores.append(before.clone()), rounds.append(after.clone())))
+    frames = frames_by_hand(name)
+    for k in range(10):
+        to_frame, back = frames[k % len(frames)]
+        expected = back(MarkPurifier().purify(to_frame(befores[k]), 0, None))
+        torch.testing.assert_close(rounds[k], expected, rtol=0, atol=1e-6)
+        assert purifier.shapes[k] == tuple(to_frame(befores[k]).shape)   # a quarter turn swaps H and W
+    assert {s[-2:] for s in purifier.shapes} == ({(8, 16), (16, 8)} if name == "dihedral" else {(8, 16)})
+
+
+def test_transforms_none_is_the_official_purification():
+    op, y = problem()
+    a = solve(op, y, DCDPSettings(**BASE))
+    b = solve(op, y, DCDPSettings(**BASE, purification_transforms="none"))
+    assert DCDPSettings(**BASE).purification_transforms == "none"
+    assert torch.equal(a.x, b.x) and torch.equal(a.x_before, b.x_before)
+    c = solve(op, y, DCDPSettings(**BASE, purification_transforms="dihedral"))
+    assert not torch.allclose(c.x, a.x, atol=1e-4)      # the noise of rounds 1.. is drawn in turned frames
+    assert (c.nfe, c.dc_steps) == (a.nfe, a.dc_steps)   # no extra network call, no extra step
+
+
+def test_unknown_transform_is_refused():
+    op, y = problem()
+    with pytest.raises(ValueError, match="unknown purification_transforms 'rotate'; valid: none, flip, dihedral"):
+        solve(op, y, DCDPSettings(**BASE, purification_transforms="rotate"))

@@ -298,6 +298,7 @@ def test_override_values_are_yaml_scalars_and_flow_lists():
     ("purification.full_ddim='false'", ["full_ddim = 'false'", "true or false"]),
     ("purification.average_last_rounds=0", ["average_last_rounds = 0", ">= 1"]),
     ("purification.average_last_rounds=3", ["average_last_rounds = 3", "more than the 2 rounds", "from 1"]),
+    ("purification.purification_transforms=rotate", ["rotate", "none, flip, dihedral"]),
     ("measurement.noise.sigma=-0.1", ["sigma = -0.1", ">= 0"]),
     ("measurement.noise.sigmaa=0.1", ["sigmaa", "valid keys"]),
     ("foo.bar=1", ["foo", "valid: purification"]),
