@@ -117,6 +117,12 @@ MUTATIONS = [
         "guided_diffusion/solver.py",
         [("if m > 1 and k >= settings.K - m:", "if m > 1 and k > settings.K - m:")],
         ["tests/test_final_dc.py"]),
+    Mutation(
+        "frame_not_undone", "purification_transforms: the quarter turn repeated instead of undone after purification",
+        "guided_diffusion/solver.py",
+        [("return torch.rot90(x, -turns, dims=(-2, -1)) if turns else x",
+          "return torch.rot90(x, turns, dims=(-2, -1)) if turns else x")],
+        ["tests/test_final_dc.py"]),
 ]
 
 
