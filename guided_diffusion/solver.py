@@ -174,8 +174,9 @@ def run_dcdp(
     With `settings.purification_transforms` "flip" or "dihedral", round k purifies x in the k-th (mod 2 or 8)
     frame of TRANSFORMS (x flipped left-right and/or turned by quarter turns, then turned back): the
     prior's errors differ from frame to frame, so the average of the last rounds averages them out too
-    (the augmentations a prior was trained with: flips for the guided-diffusion priors, flips and quarter
-    turns for the demo prior). "none" is the official purification.
+    (only the augmentations a prior was trained with: flips for priors trained with left-right flips, as
+    guided-diffusion's training code does by default; flips and quarter turns for the demo prior). "none" is
+    the official purification.
     """
     timesteps = settings.timesteps()
     # the prior's own noise level per round (a consistency model's σ_k); a bare purifier uses T_k itself
